@@ -1,0 +1,266 @@
+"""The one base class through which every pyroflows layer writes its math.
+
+A layer implements two methods and nothing else::
+
+    forward(x)  -> (y, log|det dy/dx|)     # the generative direction, x = f(z)
+    inverse(y)  -> (x, log|det dy/dx|)     # the normalizing direction
+
+Both return the log-determinant of the *forward* Jacobian, evaluated at the
+point ``x``, already summed over the event dimensions, so its shape is the
+batch shape.  Pyro's ``_call``, ``_inverse`` and ``log_abs_det_jacobian`` and
+the caching are derived from these two methods here and nowhere else.
+
+Caching rules (the two things Pyro's built-in flows get wrong):
+
+1. The log-determinant computed during a pass is kept with the pair
+   ``(x, y)``; ``log_abs_det_jacobian(x, y)`` on that very pair returns it
+   instead of running the network again.  So ``log_prob`` of the flow's own
+   ``rsample`` costs no extra conditioner call (for IAF it avoids the
+   sequential inverse altogether).
+2. A cached pass is only reused while it is still valid: the parameters have
+   not been modified in place since (an optimizer step bumps their version
+   counters), a pass cached without gradients is not reused when gradients
+   are wanted, and a pass whose graph has been consumed by ``backward`` is
+   dropped.  A cached entry is also dropped once its log-determinant has been
+   handed out, so scoring the same data tensor twice runs twice.  Users never
+   need ``clear_cache()``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import constraints
+
+__all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
+
+
+class _Pass:
+    """One cached pass: the pair (x, y), its log-det and a validity key."""
+
+    __slots__ = ("x", "y", "ladj", "key", "valid", "__weakref__")
+
+    def __init__(self, x, y, ladj, key):
+        self.x, self.y, self.ladj, self.key, self.valid = x, y, ladj, key, True
+
+
+def _invalidate_on_backward(entry: _Pass, tensors) -> None:
+    """Drop ``entry`` as soon as a backward pass runs through any of ``tensors``.
+
+    After ``backward`` (without ``retain_graph``) the graph behind a cached
+    tensor is freed, so handing it out again would make the next ``backward``
+    fail.  A weak reference keeps the hook from extending the entry's life.
+    """
+    ref = weakref.ref(entry)
+
+    def hook(grad):
+        e = ref()
+        if e is not None:
+            e.valid = False
+        return grad
+
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(hook)
+
+
+class _CachedPasses:
+    """Caching logic shared by plain and conditioned bijectors.
+
+    Subclasses provide ``_forward_pass(x)``, ``_inverse_pass(y)`` and
+    ``_version_key()`` (a cheap fingerprint of the state the pass depends on).
+    """
+
+    _pass: _Pass | None = None
+
+    def _lookup(self, *, x=None, y=None):
+        entry = self._pass
+        if entry is None or not entry.valid or self._cache_size == 0:
+            return None
+        if x is not None and entry.x is not x:
+            return None
+        if y is not None and entry.y is not y:
+            return None
+        grad_wanted, versions = entry.key
+        if torch.is_grad_enabled() and not grad_wanted:
+            return None
+        if versions != self._param_versions():
+            return None
+        return entry
+
+    def _store(self, x, y, ladj):
+        if self._cache_size == 0:
+            return
+        entry = _Pass(x, y, ladj, (torch.is_grad_enabled(), self._param_versions()))
+        _invalidate_on_backward(entry, (x, y, ladj))
+        self._pass = entry
+
+    def _param_versions(self):
+        return tuple(p._version for p in self._cache_dependencies())
+
+    # Pyro / torch.distributions interface -----------------------------------
+    def __call__(self, x):
+        entry = self._lookup(x=x)
+        if entry is not None:
+            return entry.y
+        y, ladj = self._forward_pass(x)
+        self._store(x, y, ladj)
+        return y
+
+    def _inv_call(self, y):
+        entry = self._lookup(y=y)
+        if entry is not None:
+            return entry.x
+        x, ladj = self._inverse_pass(y)
+        self._store(x, y, ladj)
+        return x
+
+    def _call(self, x):
+        return self._forward_pass(x)[0]
+
+    def _inverse(self, y):
+        return self._inverse_pass(y)[0]
+
+    def log_abs_det_jacobian(self, x, y):
+        entry = self._lookup(x=x, y=y)
+        if entry is not None:
+            entry.valid = False  # handed out once; a second request recomputes
+            return entry.ladj
+        return self._forward_pass(x)[1]
+
+    def clear_cache(self):
+        """Forget the cached pass (never needed for correctness)."""
+        self._pass = None
+
+
+class Bijector(_CachedPasses, TransformModule):
+    r"""Base class of every pyroflows layer: a Pyro ``TransformModule``.
+
+    Subclasses implement
+
+    * ``forward(x) -> (y, ladj)`` with :math:`y = f(x)` and
+      :math:`\mathrm{ladj} = \log|\det \partial f/\partial x|` summed over the
+      event dimensions;
+    * ``inverse(y) -> (x, ladj)`` with :math:`x = f^{-1}(y)` and the same
+      forward log-determinant evaluated at that ``x``.
+
+    ``domain``/``codomain`` default to ``real_vector`` (event_dim 1); image
+    layers override them.  ``bijective = True``.  ``sign`` is only defined for
+    elementwise monotone layers (which set it to +1).
+
+    Layers whose ``log_abs_det_jacobian`` is a stochastic, unbiased estimate
+    rather than the exact value set ``exact_log_det = False``.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    exact_log_det = True
+
+    def __init__(self, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward_pass(self, x):
+        return self.forward(x)
+
+    def _inverse_pass(self, y):
+        return self.inverse(y)
+
+    def _cache_dependencies(self):
+        return self.parameters()
+
+    def with_cache(self, cache_size=1):
+        self._cache_size = cache_size
+        return self
+
+    def __hash__(self):
+        return object.__hash__(self)
+
+    def extra_repr(self):
+        return getattr(self, "_repr", "")
+
+
+class ConditionalBijector(ConditionalTransformModule):
+    r"""Base class of every conditional pyroflows layer.
+
+    Subclasses implement ``forward(x, context)`` and ``inverse(y, context)``
+    with the same contract as :class:`Bijector`; ``context`` has shape
+    ``(..., context_dim)`` and broadcasts against the batch shape of ``x``.
+    ``condition(context)`` returns a :class:`ConditionedBijector`, a plain
+    Pyro ``Transform`` bound to that context.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    exact_log_det = True
+    context_dim: int
+
+    def forward(self, x, context):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, y, context):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def condition(self, context):
+        context_dim = getattr(self, "context_dim", None)
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        if context_dim is not None and (context.dim() == 0 or context.shape[-1] != context_dim):
+            raise ValueError(
+                f"{type(self).__name__} expects a context of shape (..., {context_dim}), "
+                f"got {tuple(context.shape)}"
+            )
+        return ConditionedBijector(self, context)
+
+    def __hash__(self):
+        return object.__hash__(self)
+
+
+class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
+    """A :class:`ConditionalBijector` bound to one context tensor."""
+
+    bijective = True
+
+    def __init__(self, parent: ConditionalBijector, context: torch.Tensor, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.parent = parent
+        self.context = context
+        self.exact_log_det = parent.exact_log_det
+
+    @property
+    def domain(self):
+        return self.parent.domain
+
+    @property
+    def codomain(self):
+        return self.parent.codomain
+
+    @property
+    def sign(self):
+        return self.parent.sign
+
+    def _forward_pass(self, x):
+        return self.parent.forward(x, self.context)
+
+    def _inverse_pass(self, y):
+        return self.parent.inverse(y, self.context)
+
+    def _cache_dependencies(self):
+        yield from self.parent.parameters()
+        yield self.context
+
+    def with_cache(self, cache_size=1):
+        return ConditionedBijector(self.parent, self.context, cache_size)
+
+    def __hash__(self):
+        return object.__hash__(self)

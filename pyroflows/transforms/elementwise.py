@@ -1,0 +1,192 @@
+r"""Elementwise flows: :math:`y_d = g(x_d; \theta_d)` with free parameters.
+
+The Jacobian is diagonal, so :math:`\log|\det J| = \sum_d \log g'(x_d)`.
+Both directions cost one elementwise pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import constraints
+
+from .base import Bijector
+from .transformers import PiecewiseLinear, Transformer, make_transformer
+
+__all__ = [
+    "Elementwise",
+    "LeakyReLU",
+    "Sigmoid",
+    "Logit",
+    "elementwise",
+    "piecewise_linear",
+    "leaky_relu",
+    "sigmoid",
+    "logit",
+]
+
+unit_interval_vector = constraints.independent(constraints.unit_interval, 1)
+
+
+def check_input_dim(input_dim) -> int:
+    """Validate a helper's ``input_dim`` argument (a positive int)."""
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    return input_dim
+
+
+class Elementwise(Bijector):
+    r"""Any :class:`~pyroflows.transforms.transformers.Transformer` applied
+    independently to each dimension with learnable parameters :math:`\theta_d`.
+
+    .. math::
+
+        y_d = g(x_d; \theta_d), \qquad \log|\det J| = \sum_d \log g'(x_d;\theta_d)
+
+    Both directions are a single elementwise pass.  Parameters start at the
+    transformer's identity.
+
+    Args:
+        transformer: the monotone map :math:`g`.
+        input_dim: number of dimensions :math:`D`.
+        domain: the constraint of the inputs (default ``real_vector``); the
+            codomain is the same set (transformers map it onto itself).
+    """
+
+    sign = 1
+
+    def __init__(self, transformer: Transformer, input_dim: int, domain=constraints.real_vector,
+                 cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.transformer = transformer
+        self.event_shape = (check_input_dim(input_dim),)
+        self.domain = self.codomain = domain
+        self.params = nn.Parameter(transformer.identity_params().expand(input_dim, -1).clone())
+
+    def forward(self, x):
+        y, ladj = self.transformer.forward(x, self.params)
+        return y, ladj.sum(-1)
+
+    def inverse(self, y):
+        x, ladj = self.transformer.inverse(y, self.params)
+        return x, ladj.sum(-1)
+
+    def extra_repr(self):
+        return f"{self.transformer!r}, input_dim={self.event_shape[0]}"
+
+
+class LeakyReLU(Bijector):
+    r"""Leaky ReLU with a learnable negative slope :math:`a_d > 0` per dimension.
+
+    .. math::
+
+        y = \begin{cases} x & x \ge 0 \\ a x & x < 0 \end{cases}, \qquad
+        \log|\det J| = \sum_d [x_d < 0] \log a_d,
+
+    inverse :math:`x = y` for :math:`y \ge 0`, :math:`y / a` otherwise
+    (problem 16.7).  :math:`a = e^{\alpha}` keeps the slope positive; it starts
+    at ``negative_slope``.
+    """
+
+    sign = 1
+
+    def __init__(self, input_dim: int, negative_slope: float = 0.5, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        if not negative_slope > 0:
+            raise ValueError(f"negative_slope must be > 0 for invertibility, got {negative_slope}")
+        self.event_shape = (check_input_dim(input_dim),)
+        self.log_slope = nn.Parameter(torch.full((input_dim,), float(negative_slope)).log())
+
+    def forward(self, x):
+        neg = x < 0
+        y = torch.where(neg, x * self.log_slope.exp(), x)
+        return y, torch.where(neg, self.log_slope, torch.zeros_like(x)).sum(-1)
+
+    def inverse(self, y):
+        neg = y < 0
+        x = torch.where(neg, y * (-self.log_slope).exp(), y)
+        return x, torch.where(neg, self.log_slope, torch.zeros_like(y)).sum(-1)
+
+
+class Sigmoid(Bijector):
+    r"""Logistic sigmoid :math:`y = 1/(1+e^{-x})` from the reals onto :math:`(0,1)`.
+
+    :math:`\log|\det J| = \sum_d -\mathrm{softplus}(-x_d) - \mathrm{softplus}(x_d)`.
+    """
+
+    codomain = unit_interval_vector
+    sign = 1
+
+    def __init__(self, input_dim: int, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.event_shape = (check_input_dim(input_dim),)
+
+    @staticmethod
+    def _ladj(x):
+        return (-F.softplus(-x) - F.softplus(x)).sum(-1)
+
+    def forward(self, x):
+        return torch.sigmoid(x), self._ladj(x)
+
+    def inverse(self, y):
+        finfo = torch.finfo(y.dtype)
+        y = y.clamp(finfo.tiny, 1 - finfo.eps)
+        x = torch.log(y) - torch.log1p(-y)
+        return x, self._ladj(x)
+
+
+class Logit(Bijector):
+    r"""Logit :math:`y = \log x - \log(1-x)` from :math:`(0,1)` onto the reals
+    (the inverse of :class:`Sigmoid`; used after dequantization of images).
+
+    :math:`\log|\det J| = -\sum_d \log x_d + \log(1 - x_d)`.
+    """
+
+    domain = unit_interval_vector
+    sign = 1
+
+    def __init__(self, input_dim: int, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self.event_shape = (check_input_dim(input_dim),)
+
+    @staticmethod
+    def _ladj_from_y(y):
+        return (F.softplus(-y) + F.softplus(y)).sum(-1)
+
+    def forward(self, x):
+        finfo = torch.finfo(x.dtype)
+        x = x.clamp(finfo.tiny, 1 - finfo.eps)
+        y = torch.log(x) - torch.log1p(-x)
+        return y, self._ladj_from_y(y)
+
+    def inverse(self, y):
+        return torch.sigmoid(y), self._ladj_from_y(y)
+
+
+def elementwise(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
+                bound: float = 5.0) -> Elementwise:
+    """An :class:`Elementwise` layer of any transformer ``kind`` (see
+    :data:`~pyroflows.transforms.transformers.KINDS`) with free parameters;
+    ``kind="affine"`` is the diagonal affine flow (elementwise scale and shift)."""
+    return Elementwise(make_transformer(kind, bins, bound), input_dim)
+
+
+def piecewise_linear(input_dim: int, bins: int = 8) -> Elementwise:
+    """The piecewise-linear flow on :math:`[0,1]^D` with ``bins`` equal-width bins (problem 16.8)."""
+    return Elementwise(PiecewiseLinear(bins, 0.0, 1.0), input_dim, domain=unit_interval_vector)
+
+
+def leaky_relu(input_dim: int, negative_slope: float = 0.5) -> LeakyReLU:
+    """A :class:`LeakyReLU` with a learnable per-dimension negative slope."""
+    return LeakyReLU(input_dim, negative_slope)
+
+
+def sigmoid(input_dim: int) -> Sigmoid:
+    """A :class:`Sigmoid` layer (reals onto the unit interval)."""
+    return Sigmoid(input_dim)
+
+
+def logit(input_dim: int) -> Logit:
+    """A :class:`Logit` layer (unit interval onto the reals)."""
+    return Logit(input_dim)

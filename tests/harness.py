@@ -1,0 +1,133 @@
+"""Discovery and building blocks of the exactness harness.
+
+Every public helper in ``pyroflows.transforms.__all__`` is built here; the
+checks in ``test_exactness.py`` then run on each, in float64, with no per-layer
+exceptions.  The rules that decide how a helper is called are generic:
+
+* a helper whose first parameter is ``shape`` is an image layer and gets an
+  image shape ``(C, H, W)``; otherwise it gets ``input_dim``;
+* a helper named ``conditional_*`` also gets ``context_dim``;
+* a helper with a ``kind`` parameter is built once per transformer kind in
+  ``pyroflows.transforms.transformers.KINDS``;
+* a helper that rejects a dimension with ``ValueError`` (a coupling layer
+  cannot split one dimension) is not tested in that dimension.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import constraints
+
+import pyroflows.transforms as T
+from pyroflows import Flow
+from pyroflows.transforms.transformers import KINDS
+
+CONTEXT_DIM = 3
+IMAGE_SHAPE = (4, 4, 4)
+
+
+@dataclass(frozen=True)
+class Case:
+    helper: str
+    kind: str | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.helper.startswith("conditional_")
+
+    @property
+    def is_image(self) -> bool:
+        return _first_param(getattr(T, self.helper)) == "shape"
+
+    def __str__(self):
+        return self.helper + (f"[{self.kind}]" if self.kind else "")
+
+
+def _first_param(fn) -> str:
+    return next(iter(inspect.signature(fn).parameters))
+
+
+def public_helpers() -> list[str]:
+    """Lowercase callables of ``pyroflows.transforms.__all__`` (the helpers)."""
+    return [n for n in T.__all__ if n[0].islower() and inspect.isfunction(getattr(T, n))]
+
+
+def public_layer_classes() -> list[type]:
+    """Concrete public layer classes of ``pyroflows.transforms.__all__``."""
+    abstract = {T.Bijector, T.ConditionalBijector, T.ConditionedBijector}
+    out = []
+    for n in T.__all__:
+        obj = getattr(T, n)
+        if inspect.isclass(obj) and issubclass(obj, (T.Bijector, T.ConditionalBijector)) and obj not in abstract:
+            out.append(obj)
+    return out
+
+
+def cases() -> list[Case]:
+    out = []
+    for name in public_helpers():
+        params = inspect.signature(getattr(T, name)).parameters
+        if "kind" in params:
+            out += [Case(name, kind) for kind in KINDS]
+        else:
+            out.append(Case(name))
+    return out
+
+
+def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.3):
+    """Build the layer of ``case`` in float64 with randomly perturbed parameters.
+
+    Returns ``None`` when the helper rejects that dimension with ``ValueError``.
+    """
+    torch.manual_seed(seed)
+    fn = getattr(T, case.helper)
+    kw = {}
+    if case.kind is not None:
+        kw["kind"] = case.kind
+    if case.conditional:
+        kw["context_dim"] = CONTEXT_DIM
+    first = IMAGE_SHAPE if case.is_image else (dim if dim is not None else 4)
+    try:
+        layer = fn(first, **kw)
+    except ValueError:
+        return None
+    layer = layer.double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    layer.eval()  # BatchNorm-style layers are exact bijections in eval mode
+    return layer
+
+
+def event_shape_of(layer, case: Case):
+    return torch.Size(getattr(layer, "event_shape"))
+
+
+def sample_domain(constraint, shape, generator=None) -> torch.Tensor:
+    """Points inside ``constraint`` (the reals or the unit interval), float64."""
+    base = constraint
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    if isinstance(base, constraints._Interval):
+        lo, hi = float(base.lower_bound), float(base.upper_bound)
+        return lo + (hi - lo) * (0.02 + 0.96 * torch.rand(shape, dtype=torch.float64, generator=generator))
+    return 1.5 * torch.randn(shape, dtype=torch.float64, generator=generator)
+
+
+def bind(layer, case: Case, context: torch.Tensor | None):
+    """The Pyro ``Transform`` to test: the layer itself or the layer bound to a context."""
+    if case.conditional:
+        return layer.condition(context)
+    return layer
+
+
+def make_context(batch_shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*batch_shape, CONTEXT_DIM, dtype=torch.float64, generator=g)
+
+
+def flow_of(layer, case: Case):
+    return Flow([layer]).double()
