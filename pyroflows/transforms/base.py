@@ -19,7 +19,7 @@ Caching rules (the two things Pyro's built-in flows get wrong):
    sequential inverse altogether).
 2. A cached pass is only reused while it is still valid: the parameters have
    not been modified in place since (an optimizer step bumps their version
-   counters), a pass cached without gradients is not reused when gradients
+   counters; buffers and the train/eval mode count too), a pass cached without gradients is not reused when gradients
    are wanted, and a pass whose graph has been consumed by ``backward`` is
    dropped.  A cached entry is also dropped once its log-determinant has been
    handed out, so scoring the same data tensor twice runs twice.  Users never
@@ -99,7 +99,7 @@ class _CachedPasses:
         self._pass = entry
 
     def _param_versions(self):
-        return tuple(p._version for p in self._cache_dependencies())
+        return (self._training_flag(), tuple(p._version for p in self._cache_dependencies()))
 
     # Pyro / torch.distributions interface -----------------------------------
     def __call__(self, x):
@@ -176,7 +176,11 @@ class Bijector(_CachedPasses, TransformModule):
         return self.inverse(y)
 
     def _cache_dependencies(self):
-        return self.parameters()
+        yield from self.parameters()
+        yield from self.buffers()
+
+    def _training_flag(self):
+        return self.training
 
     def with_cache(self, cache_size=1):
         self._cache_size = cache_size
@@ -257,7 +261,11 @@ class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
 
     def _cache_dependencies(self):
         yield from self.parent.parameters()
+        yield from self.parent.buffers()
         yield self.context
+
+    def _training_flag(self):
+        return self.parent.training
 
     def with_cache(self, cache_size=1):
         return ConditionedBijector(self.parent, self.context, cache_size)
