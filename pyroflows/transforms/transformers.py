@@ -81,11 +81,13 @@ class Affine(Transformer):
 
     def forward(self, x, params):
         shift, log_scale = self._shift_log_scale(params)
-        return x * torch.exp(log_scale) + shift, log_scale.expand_as(x)
+        y = x * torch.exp(log_scale) + shift
+        return y, log_scale.expand_as(y)
 
     def inverse(self, y, params):
         shift, log_scale = self._shift_log_scale(params)
-        return (y - shift) * torch.exp(-log_scale), log_scale.expand_as(y)
+        x = (y - shift) * torch.exp(-log_scale)
+        return x, log_scale.expand_as(x)
 
     def __repr__(self):
         return f"Affine(log_scale_bound={self.log_scale_bound})"
@@ -142,8 +144,7 @@ class PiecewiseLinear(Transformer):
         u = ((x - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
         b = torch.clamp((u * K).floor().long(), max=K - 1)
-        qb = q.expand(*u.shape, K).gather(-1, b.unsqueeze(-1)).squeeze(-1)
-        cb = cum.expand(*u.shape, K + 1).gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         v = cb + (u * K - b) * qb
         y = torch.where(inside, self.lower + width * v, x)
         ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(x))
@@ -155,8 +156,7 @@ class PiecewiseLinear(Transformer):
         v = ((y - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
         b = _bin_search(cum[..., 1:-1], v)
-        qb = q.expand(*v.shape, K).gather(-1, b.unsqueeze(-1)).squeeze(-1)
-        cb = cum.expand(*v.shape, K + 1).gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         u = (b + (v - cb) / qb) / K
         x = torch.where(inside, self.lower + width * u, y)
         ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(y))
@@ -288,6 +288,12 @@ class _Spline(Transformer):
 
     def forward(self, x, params):
         return self._apply(x, params, self._forward_unit)
+
+    def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
+        """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
+        inner = _inner_knots(params[..., : self.bins])
+        unit = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
+        return (2 * self.bound) * unit - self.bound
 
     def inverse(self, y, params):
         return self._apply(y, params, self._inverse_unit)
