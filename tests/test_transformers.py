@@ -219,7 +219,7 @@ def test_bad_arguments_raise():
         with pytest.raises(ValueError, match="bins"):
             cls(bins=0)
         with pytest.raises(ValueError, match="bins"):
-            cls(bins=1000)
+            cls(bins=1024)
         with pytest.raises(ValueError, match="bound"):
             cls(bins=4, bound=0.0)
     with pytest.raises(ValueError, match="components"):

@@ -168,33 +168,30 @@ class PiecewiseLinear(Transformer):
 
 # --------------------------------------------------------------------------
 # Helpers shared by the splines: knots from unconstrained sizes, bin search,
-# values at the two ends of a bin, and a safeguarded Newton root finder.
+# gathers with broadcasting, and a safeguarded Newton root finder.
 # --------------------------------------------------------------------------
 
 #: Smallest bin width / height of a spline, as a fraction of the interval
-#: (``bins * MIN_BIN_SIZE < 1`` is required).  Keeps every slope in
+#: (``bins * MIN_BIN_SIZE < 1`` is required).  Keeps every slope within
 #: ``[MIN_BIN_SIZE, 1 / MIN_BIN_SIZE]`` so float32 stays well conditioned.
 MIN_BIN_SIZE = 1e-3
-#: Smallest knot derivative of the rational-quadratic spline and smallest
-#: density of the piecewise-quadratic map (float32 safety).
+#: Smallest knot derivative of the rational-quadratic spline, smallest density
+#: of the piecewise-quadratic map, and the margin of the cubic spline's end
+#: derivatives inside the monotone region (float32 safety).
 MIN_DERIVATIVE = 1e-3
-_LOG2 = math.log(2.0)
 
 
-def _inner_knots(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
-    r"""The ``K - 1`` interior knots on :math:`[0, 1]` of ``K`` bins with unconstrained sizes ``raw``.
-
-    Bin sizes are :math:`q = m + (1 - K m)\,\mathrm{softmax}(\theta)` (each at
-    least ``m``, summing to one; ``theta = 0`` gives equal bins), and the knots
-    are their running sums; the end knots are exactly 0 and 1 (see
-    :func:`_bin_ends`).  Works for any real ``raw``.
-    """
+def _sizes(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
+    r"""Bin sizes :math:`m + (1 - Km)\,\mathrm{softmax}(\theta)` (each at least
+    :math:`m`, summing to one; ``theta = 0`` gives equal bins) for any real logits."""
     K = raw.shape[-1]
-    if K == 1:
-        return raw[..., :0]
-    base = min_size * torch.arange(1, K, dtype=raw.dtype, device=raw.device)
-    cum = torch.cumsum(torch.softmax(raw, dim=-1)[..., :-1], dim=-1)
-    return torch.add(base, cum, alpha=1.0 - K * min_size)
+    return min_size + (1.0 - K * min_size) * torch.softmax(raw, dim=-1)
+
+
+def _inner_knots(sizes: torch.Tensor) -> torch.Tensor:
+    """The ``K - 1`` interior knots on ``[0, 1]`` of bins of ``sizes`` (..., K); the
+    end knots 0 and 1 are filled in exactly by :func:`_fill_ends`."""
+    return torch.cumsum(sizes[..., :-1], dim=-1)
 
 
 def _bin_search(inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -206,38 +203,42 @@ def _bin_search(inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (v.unsqueeze(-1) >= inner).sum(-1)
 
 
+def _neighbours(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    """Positions (..., 2) in the interior-knot array of knots ``idx`` and ``idx + 1``,
+    clamped into range (the end knots are replaced by :func:`_fill_ends`)."""
+    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=bins - 2)), dim=-1)
+
+
+def _fill_ends(lo, hi, idx, bins: int, first, last):
+    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set to ``first`` / ``last``."""
+    return torch.where(idx == 0, first, lo), torch.where(idx == bins - 1, last, hi)
+
+
+def _bin_ends(inner: torch.Tensor, idx: torch.Tensor, first, last):
+    """Values at knots ``idx`` and ``idx + 1`` from interior values ``inner`` (..., K-1)
+    and end values ``first`` / ``last`` (numbers or tensors): one gather."""
+    K = inner.shape[-1] + 1
+    if K == 1:
+        zero = torch.zeros_like(idx, dtype=inner.dtype)
+        return zero + first, zero + last
+    lo, hi = _take(inner, _neighbours(idx, K)).unbind(-1)
+    return _fill_ends(lo, hi, idx, K, first, last)
+
+
 def _take(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``src[..., index[..., j]]`` with ``src`` (..., n) broadcast against ``index`` (..., m)."""
     shape = torch.broadcast_shapes(src.shape[:-1], index.shape[:-1])
     return src.expand(*shape, src.shape[-1]).gather(-1, index.expand(*shape, index.shape[-1]))
 
 
-def _bin_ends(inner: torch.Tensor, idx: torch.Tensor, first, last, fn=None):
-    """Values at knots ``idx`` and ``idx + 1`` from the interior values ``inner``
-    (..., K-1), with ``first`` / ``last`` at the end knots (numbers or tensors).
-
-    One gather of the two neighbours (indices clamped into range, ends filled
-    in with ``torch.where``); ``fn`` maps the gathered interior values (so a
-    constraint is applied to 2 values per point rather than to all ``K - 1``).
-    """
-    K = inner.shape[-1] + 1
-    if K == 1:
-        zero = torch.zeros_like(idx, dtype=inner.dtype)
-        return zero + first, zero + last
-    pair = torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=K - 2)), dim=-1)
-    lo, hi = _take(inner, pair).unbind(-1)
-    if fn is not None:
-        lo, hi = fn(lo), fn(hi)
-    return torch.where(idx == 0, first, lo), torch.where(idx == K - 1, last, hi)
-
-
 def _solve_increasing(fn, target, lo, hi, start, iters: int):
     r"""Root of ``fn(x) = target`` for ``fn`` increasing on ``[lo, hi]`` with the
     root inside: a safeguarded Newton iteration, ``iters`` steps.
 
-    ``fn(x)`` returns ``(value, derivative)``.  Each step shrinks the bracket
-    at the current point, then takes the Newton step if it lands inside
-    the bracket and bisects otherwise (so a flat or badly scaled ``fn`` still
+    ``fn(x)`` returns ``(value, derivative)``; the target is first clamped onto
+    ``[fn(lo), fn(hi)]`` (rounding can put it just outside).  Each step shrinks the bracket
+    at the current point, then takes the Newton step if it lands inside the
+    bracket and bisects otherwise (so a flat or badly scaled ``fn`` still
     converges, at worst by bisection).  The loop runs without autograd; the
     result gets the implicit-function gradient :math:`\partial x/\partial\cdot
     = -\partial(\mathrm{fn}(x) - \mathrm{target})/\partial\cdot \,/\, \mathrm{fn}'(x)`
@@ -245,7 +246,9 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
     A fixed step count keeps it free of data-dependent control flow.
     """
     with torch.no_grad():
-        x, lo, hi, t = start.detach(), lo.detach(), hi.detach(), target.detach()
+        x, lo, hi = start.detach(), lo.detach(), hi.detach()
+        # aim at the target clamped onto [fn(lo), fn(hi)], so that a root exists despite rounding
+        t = torch.minimum(torch.maximum(target.detach(), fn(lo)[0]), fn(hi)[0])
         for _ in range(iters):
             f, df = fn(x)
             err = f - t
@@ -267,7 +270,8 @@ class _Spline(Transformer):
     here the input is rescaled, clamped into the interval (so the unused
     branch of ``torch.where`` is always finite and gets finite gradients), and
     the tails are the exact identity with log-derivative 0.  The derivative is
-    invariant under the common rescaling of both axes.
+    invariant under the common rescaling of both axes.  The first ``K``
+    parameters are the bin-width logits of every spline.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0):
@@ -284,19 +288,19 @@ class _Spline(Transformer):
         inside = (z >= -B) & (z <= B)
         u = ((z + B) / (2 * B)).clamp(0.0, 1.0)
         out, logd = unit_map(u, params)
-        return torch.where(inside, (2 * B) * out - B, z), torch.where(inside, logd, torch.zeros_like(logd))
+        return torch.where(inside, (2 * B) * out - B, z), torch.where(inside, logd, 0.0)
 
     def forward(self, x, params):
         return self._apply(x, params, self._forward_unit)
 
-    def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
-        """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
-        inner = _inner_knots(params[..., : self.bins])
-        unit = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
-        return (2 * self.bound) * unit - self.bound
-
     def inverse(self, y, params):
         return self._apply(y, params, self._inverse_unit)
+
+    def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
+        """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
+        inner = _inner_knots(_sizes(params[..., : self.bins]))
+        knots = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
+        return (2 * self.bound) * knots - self.bound
 
     def __repr__(self):
         return f"{type(self).__name__}(bins={self.bins}, bound={self.bound})"
@@ -307,7 +311,8 @@ class PiecewiseQuadratic(_Spline):
 
     Müller et al., "Neural Importance Sampling", 2019.  On the unit square the
     derivative (a density) is piecewise linear, with ``K`` bin widths
-    :math:`w_k` and ``K + 1`` vertex heights :math:`v_k`,
+    :math:`w_k` (softmax of logits, each at least ``MIN_BIN_SIZE``) and
+    ``K + 1`` vertex heights
 
     .. math::
 
@@ -319,10 +324,9 @@ class PiecewiseQuadratic(_Spline):
     of the bins before, and :math:`g'(x) = v_b + \alpha (v_{b+1} - v_b)`,
     continuous across the knots (it jumps to the tail slope 1 at
     :math:`\pm B`).  :math:`\epsilon` = ``MIN_DERIVATIVE`` mixes in the uniform
-    density, keeping :math:`g' \ge \epsilon`; widths are at least
-    ``MIN_BIN_SIZE``.  Params: ``K`` width logits, then ``K + 1`` vertex
-    logits (``2K + 1``); zeros are the identity.  Both directions cost the
-    same: the inverse is the closed-form root
+    density, keeping :math:`g' \ge \epsilon`.  Params: ``K`` width logits,
+    then ``K + 1`` vertex logits (``2K + 1``); zeros are the identity.  Both
+    directions cost the same: the inverse is the closed-form root
     :math:`\alpha = 2c / (b + \sqrt{b^2 + 4ac})` of the quadratic (the form
     without cancellation, valid as :math:`a \to 0`).
     """
@@ -331,37 +335,30 @@ class PiecewiseQuadratic(_Spline):
         super().__init__(bins, bound)
         self.num_params = 2 * self.bins + 1
 
-    def _knots(self, params):
+    def _local(self, z, params, inverse: bool):
         K, eps = self.bins, MIN_DERIVATIVE
-        raw_w, raw_v = params[..., :K], params[..., K:]
-        x_inner = _inner_knots(raw_w)
-        w = MIN_BIN_SIZE + (1 - K * MIN_BIN_SIZE) * torch.softmax(raw_w, dim=-1)
-        e = torch.exp(raw_v - raw_v.amax(-1, keepdim=True))
+        w = _sizes(params[..., :K])
+        e = torch.exp(params[..., K:] - params[..., K:].amax(-1, keepdim=True))
         area = 0.5 * (e[..., :-1] + e[..., 1:]) * w
         scale = (1 - eps) / area.sum(-1, keepdim=True)
-        v = scale * e + eps
-        y_inner = torch.cumsum((scale * area + eps * w)[..., :-1], dim=-1)
-        return x_inner, y_inner, v
-
-    def _local(self, idx, x_inner, y_inner, v):
+        x_inner, y_inner = _inner_knots(w), _inner_knots(scale * area + eps * w)
+        idx = _bin_search(y_inner if inverse else x_inner, z)
         x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
         y0, _ = _bin_ends(y_inner, idx, 0.0, 1.0)
-        v0, v1 = _take(v, torch.stack((idx, idx + 1), -1)).unbind(-1)
+        v0, v1 = (scale * _take(e, torch.stack((idx, idx + 1), dim=-1)) + eps).unbind(-1)
         return x0, x1 - x0, y0, v0, v1
 
     def _forward_unit(self, u, params):
-        x_inner, y_inner, v = self._knots(params)
-        x0, w, y0, v0, v1 = self._local(_bin_search(x_inner, u), x_inner, y_inner, v)
-        alpha = ((u - x0) / w).clamp(0.0, 1.0)
+        x0, w, y0, v0, v1 = self._local(u, params, False)
+        alpha = (u - x0) / w  # in [0, 1] by the bin search (no clamp: it would cut gradients at the knots)
         slope = v0 + alpha * (v1 - v0)
         return y0 + w * alpha * 0.5 * (v0 + slope), torch.log(slope)
 
     def _inverse_unit(self, y, params):
-        x_inner, y_inner, v = self._knots(params)
-        x0, w, y0, v0, v1 = self._local(_bin_search(y_inner, y), x_inner, y_inner, v)
+        x0, w, y0, v0, v1 = self._local(y, params, True)
         c = (y - y0).clamp(min=0.0)
         a, b = 0.5 * w * (v1 - v0), w * v0
-        alpha = (2 * c / (b + torch.sqrt((b * b + 4 * a * c).clamp(min=0.0)))).clamp(0.0, 1.0)
+        alpha = 2 * c / (b + torch.sqrt((b * b + 4 * a * c).clamp(min=0.0)))
         return x0 + w * alpha, torch.log(v0 + alpha * (v1 - v0))
 
 
@@ -369,17 +366,17 @@ class CubicSpline(_Spline):
     r"""Monotone cubic (Hermite) spline on :math:`[-B, B]` (identity outside).
 
     Durkan et al., "Cubic-Spline Flows", 2019.  ``K`` bins with widths
-    :math:`w_k` and heights :math:`h_k` (each at least ``MIN_BIN_SIZE`` of
-    the interval), slopes :math:`s_k = h_k / w_k`, and knot derivatives from
-    Steffen's method (1990) in the interior,
+    :math:`w_k` and heights :math:`h_k` (softmax of logits, each at least
+    ``MIN_BIN_SIZE`` of the interval), slopes :math:`s_k = h_k / w_k`, and
+    knot derivatives from Steffen's method (1990) in the interior,
     :math:`d_k = \min(2s_{k-1}, 2s_k, p_k)` with
     :math:`p_k = (s_{k-1} w_k + s_k w_{k-1}) / (w_{k-1} + w_k)`, and learned
-    at the two ends, :math:`d_0 = s_0 (\delta + (3 - 2\delta)\sigma(\tilde d_0))`
-    (likewise :math:`d_K`; the logits are shifted so that 0 gives
-    :math:`d_0 = s_0`), so every derivative ratio lies in
-    :math:`(0, 3)`, the Fritsch--Carlson square where a cubic Hermite piece is
-    monotone; :math:`\delta` = ``MIN_DERIVATIVE`` keeps it strictly
-    increasing.  In bin :math:`k` with :math:`t = (x - x_k)/w_k`,
+    at the two ends, :math:`d_0 = s_0 (\delta + (3 - 2\delta)\sigma(\tilde d_0 + c))`
+    (likewise :math:`d_K`; the shift :math:`c` makes 0 give :math:`d_0 = s_0`),
+    so every derivative ratio lies in :math:`(0, 3)`, the Fritsch--Carlson
+    square where a cubic Hermite piece is monotone; :math:`\delta` =
+    ``MIN_DERIVATIVE`` keeps it strictly increasing.  In bin :math:`k` with
+    :math:`t = (x - x_k)/w_k`,
 
     .. math::
 
@@ -389,36 +386,30 @@ class CubicSpline(_Spline):
 
     so value and derivative are continuous at the interior knots.  Params:
     ``K`` width, ``K`` height logits and the 2 end-derivative logits
-    (``2K + 2``); zeros are the identity.  The forward is
-    cheap; the inverse solves the cubic in its bin by safeguarded Newton with
-    bisection on ``t`` in ``[0, 1]`` (``iters`` = 30 steps: at worst bisection,
-    a bracket of :math:`2^{-30}` of the bin; in practice Newton reaches float
-    precision in a handful of steps).
+    (``2K + 2``); zeros are the identity.  The forward is cheap; the inverse
+    solves the cubic in its bin by safeguarded Newton with bisection on ``t``
+    in ``[0, 1]`` (``iters`` = 30 steps: at worst bisection, a bracket of
+    :math:`2^{-30}` of the bin; in practice Newton reaches float precision in
+    a handful of steps).
     """
+
+    #: shift of the end-derivative logits so that 0 gives derivative ratio 1 (the identity)
+    _END_SHIFT = math.log((1 - MIN_DERIVATIVE) / (2 - MIN_DERIVATIVE))
 
     def __init__(self, bins: int = 8, bound: float = 5.0, iters: int = 30):
         super().__init__(bins, bound)
         self.num_params = 2 * self.bins + 2
         self.iters = int(iters)
 
-    #: shift of the end-derivative logits so that 0 gives derivative ratio 1 (the identity)
-    _END_SHIFT = math.log((1 - MIN_DERIVATIVE) / (2 - MIN_DERIVATIVE))
-
-    def _local(self, idx, params):
-        K, m, delta = self.bins, MIN_BIN_SIZE, MIN_DERIVATIVE
-        raw_w, raw_h, raw_d = params[..., :K], params[..., K:2 * K], params[..., 2 * K:]
-        w = m + (1 - K * m) * torch.softmax(raw_w, dim=-1)
-        h = m + (1 - K * m) * torch.softmax(raw_h, dim=-1)
+    def _local(self, z, params, inverse: bool):
+        K, delta = self.bins, MIN_DERIVATIVE
+        w, h = _sizes(params[..., :K]), _sizes(params[..., K : 2 * K])
         s = h / w
         s0, s1, w0, w1 = s[..., :-1], s[..., 1:], w[..., :-1], w[..., 1:]
-        p = (s0 * w1 + s1 * w0) / (w0 + w1)
-        d_inner = torch.minimum(torch.minimum(2 * s0, 2 * s1), p)
-        d_ends = s[..., [0, -1]] * (delta + (3 - 2 * delta) * torch.sigmoid(raw_d + self._END_SHIFT))
-        x_inner, y_inner = _inner_knots(raw_w), _inner_knots(raw_h)
-        return self._bin(idx(x_inner, y_inner), x_inner, y_inner, d_inner, d_ends)
-
-    @staticmethod
-    def _bin(idx, x_inner, y_inner, d_inner, d_ends):
+        d_inner = torch.minimum(torch.minimum(2 * s0, 2 * s1), (s0 * w1 + s1 * w0) / (w0 + w1))
+        d_ends = s[..., [0, -1]] * (delta + (3 - 2 * delta) * torch.sigmoid(params[..., 2 * K :] + self._END_SHIFT))
+        x_inner, y_inner = _inner_knots(w), _inner_knots(h)
+        idx = _bin_search(y_inner if inverse else x_inner, z)
         x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
         y0, y1 = _bin_ends(y_inner, idx, 0.0, 1.0)
         d0, d1 = _bin_ends(d_inner, idx, d_ends[..., 0], d_ends[..., 1])
@@ -427,14 +418,13 @@ class CubicSpline(_Spline):
         return x0, y0, w, d0, d0 + d1 - 2 * s, 3 * s - 2 * d0 - d1
 
     def _forward_unit(self, u, params):
-        x0, y0, w, d0, A, C = self._local(lambda xi, yi: _bin_search(xi, u), params)
-        t = ((u - x0) / w).clamp(0.0, 1.0)
+        x0, y0, w, d0, A, C = self._local(u, params, False)
+        t = (u - x0) / w
         return y0 + w * t * (d0 + t * (C + t * A)), torch.log(d0 + t * (2 * C + 3 * A * t))
 
     def _inverse_unit(self, v, params):
-        x0, y0, w, d0, A, C = self._local(lambda xi, yi: _bin_search(yi, v), params)
-        # clamp onto [g(0), g(1)] evaluated as ``cubic`` does, so a root exists despite rounding
-        target = ((v - y0) / w).clamp(min=0.0).minimum(d0 + (C + A))
+        x0, y0, w, d0, A, C = self._local(v, params, True)
+        target = (v - y0) / w
 
         def cubic(t):
             return t * (d0 + t * (C + t * A)), d0 + t * (2 * C + 3 * A * t)
@@ -452,13 +442,15 @@ class RationalQuadraticSpline(_Spline):
     r"""Monotone rational-quadratic spline on :math:`[-B, B]` (identity outside).
 
     Durkan et al., "Neural Spline Flows", 2019 (Gregory & Delbourgo 1982).
-    ``K`` bins with widths :math:`w_k`, heights :math:`h_k` (each at least
-    ``MIN_BIN_SIZE`` of the interval, via softmax), slopes
+    ``K`` bins with widths :math:`w_k`, heights :math:`h_k` (softmax of
+    logits, each at least ``MIN_BIN_SIZE`` of the interval), slopes
     :math:`s_k = h_k/w_k` and ``K - 1`` interior knot derivatives
-    :math:`d_k = \epsilon + (1-\epsilon)\,\mathrm{softplus}(\tilde d_k)/\log 2`
-    (:math:`\epsilon` = ``MIN_DERIVATIVE``); the end derivatives are 1, so
-    value *and* derivative are continuous into the identity tails.  In bin
-    :math:`k` with :math:`\xi = (x - x_k)/w_k`:
+    :math:`d_k = \epsilon + (1-\epsilon)\,\tfrac12\bigl(\tilde d_k +
+    \sqrt{\tilde d_k^2 + 4}\bigr)` (positive, 1 at :math:`\tilde d = 0`,
+    linear growth like softplus but cheaper; :math:`\epsilon` =
+    ``MIN_DERIVATIVE``); the end derivatives are 1, so value *and* derivative
+    are continuous into the identity tails.  In bin :math:`k` with
+    :math:`\xi = (x - x_k)/w_k`:
 
     .. math::
 
@@ -467,55 +459,58 @@ class RationalQuadraticSpline(_Spline):
         g' = \frac{s_k^2\,[d_{k+1}\xi^2 + 2s_k\xi(1-\xi) + d_k(1-\xi)^2]}
                   {[s_k + (d_{k+1} + d_k - 2s_k)\,\xi(1-\xi)]^2}.
 
-    Params: ``K`` width, ``K`` height, ``K - 1`` derivative values
+    Params: ``K`` width, ``K`` height, ``K - 1`` derivative logits
     (``3K - 1``); zeros are the identity.  Both directions cost the same: the
     inverse is the root :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})` of a
-    quadratic.  Only the two knots of a point's bin are gathered and the
-    derivative constraint is applied to those two values only.
+    quadratic.  For speed, widths and heights share one softmax, one cumsum
+    and one gather, and the derivative constraint is applied only to the two
+    values gathered at the point's bin.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0):
         super().__init__(bins, bound)
         self.num_params = 3 * self.bins - 1
 
-    def _local(self, u, params, search_heights: bool):
+    def _local(self, z, params, inverse: bool):
         K = self.bins
-        x_inner, y_inner = _inner_knots(params[..., :K]), _inner_knots(params[..., K:2 * K])
-        idx = _bin_search(y_inner if search_heights else x_inner, u)
-        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
-        y0, y1 = _bin_ends(y_inner, idx, 0.0, 1.0)
-        d0, d1 = _bin_ends(params[..., 2 * K:], idx, 1.0, 1.0, self._derivative)
+        if K == 1:  # a single bin with end derivatives 1 is the identity
+            one = torch.ones_like(z)
+            return 0 * one, 0 * one, one, one, one, one, one
+        # widths and heights together: one softmax, one cumsum, one gather
+        inner = _inner_knots(_sizes(params[..., : 2 * K].unflatten(-1, (2, K))))  # (..., 2, K-1)
+        idx = _bin_search(inner[..., int(inverse), :], z)
+        pair = _neighbours(idx, K)
+        knots = _take(inner, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
+        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], idx, K, 0.0, 1.0)
+        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], idx, K, 0.0, 1.0)
+        raw = _take(params[..., 2 * K :], pair)
+        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
+        d0, d1 = _fill_ends(d0, d1, idx, K, 1.0, 1.0)
         w, h = x1 - x0, y1 - y0
         return x0, y0, w, h, h / w, d0, d1
 
     @staticmethod
-    def _derivative(raw):
-        return MIN_DERIVATIVE + ((1 - MIN_DERIVATIVE) / _LOG2) * F.softplus(raw)
-
-    @staticmethod
-    def _log_derivative(xi, s, d0, d1, den):
+    def _log_derivative(xi, s, d0, d1):
         om = 1 - xi
-        return 2 * torch.log(s / den) + torch.log(d1 * xi * xi + 2 * s * xi * om + d0 * om * om)
+        xo = xi * om
+        den = s + (d0 + d1 - 2 * s) * xo
+        return 2 * torch.log(s / den) + torch.log(d1 * xi * xi + 2 * s * xo + d0 * om * om)
 
     def _forward_unit(self, u, params):
         x0, y0, w, h, s, d0, d1 = self._local(u, params, False)
-        xi = ((u - x0) / w).clamp(0.0, 1.0)
+        xi = (u - x0) / w
         xo = xi * (1 - xi)
-        den = s + (d0 + d1 - 2 * s) * xo
-        y = y0 + h * (s * xi * xi + d0 * xo) / den
-        return y, self._log_derivative(xi, s, d0, d1, den)
+        y = y0 + h * (s * xi * xi + d0 * xo) / (s + (d0 + d1 - 2 * s) * xo)
+        return y, self._log_derivative(xi, s, d0, d1)
 
     def _inverse_unit(self, v, params):
         x0, y0, w, h, s, d0, d1 = self._local(v, params, True)
         dy = (v - y0).clamp(min=0.0)
         k = (d0 + d1 - 2 * s) * dy
-        a = h * (s - d0) + k
         b = h * d0 - k
-        disc = (b * b + 4 * a * s * dy).clamp(min=0.0)
-        xi = (2 * s * dy / (b + torch.sqrt(disc))).clamp(0.0, 1.0)
-        xo = xi * (1 - xi)
-        den = s + (d0 + d1 - 2 * s) * xo
-        return x0 + w * xi, self._log_derivative(xi, s, d0, d1, den)
+        disc = (b * b + 4 * (h * (s - d0) + k) * s * dy).clamp(min=0.0)
+        xi = 2 * s * dy / (b + torch.sqrt(disc))
+        return x0 + w * xi, self._log_derivative(xi, s, d0, d1)
 
 
 class LogisticMixtureCDF(Transformer):
