@@ -234,3 +234,16 @@ def test_every_kind_is_a_transformer_with_its_declared_param_count():
         x = torch.randn(2, D)
         out, ld = t.forward(x, t.identity_params().expand(D, -1))
         assert out.shape == ld.shape == x.shape
+
+
+@pytest.mark.parametrize("kind", SPLINES)
+@pytest.mark.parametrize("bins", [1, 2, 32])
+def test_splines_with_few_or_many_bins(kind, bins):
+    t = make_transformer(kind, bins=bins, bound=BOUND)
+    p = _params(t, seed=11)
+    x = torch.cat([2.0 * torch.randn(300, D, dtype=torch.float64), _grid(-6, 6, 101)])
+    y, ld = t.forward(x, p)
+    x_back, ld_back = t.inverse(y, p)
+    assert (x_back - x).abs().max() <= 1e-6
+    assert (ld_back - ld).abs().max() <= 1e-6
+    assert torch.isfinite(ld).all() and (y.diff(dim=0)[300:] > 0).all()

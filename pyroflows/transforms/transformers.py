@@ -155,7 +155,7 @@ class PiecewiseLinear(Transformer):
         inside = (y >= self.lower) & (y <= self.upper)
         v = ((y - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
-        b = _bin_search(cum[..., 1:-1], v)
+        b = _bin_search(cum[..., 1:], v)
         qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         u = (b + (v - cb) / qb) / K
         x = torch.where(inside, self.lower + width * u, y)
@@ -188,41 +188,49 @@ def _sizes(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
     return min_size + (1.0 - K * min_size) * torch.softmax(raw, dim=-1)
 
 
-def _inner_knots(sizes: torch.Tensor) -> torch.Tensor:
-    """The ``K - 1`` interior knots on ``[0, 1]`` of bins of ``sizes`` (..., K); the
-    end knots 0 and 1 are filled in exactly by :func:`_fill_ends`."""
-    return torch.cumsum(sizes[..., :-1], dim=-1)
+def _right_edges(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
+    r"""Knots ``1..K`` on ``[0, 1]`` (the right edges of the bins) of bins of
+    :func:`_sizes` ``(raw)``: :math:`k m + (1 - Km) \sum_{j<k}
+    \mathrm{softmax}(\theta)_j` in three passes (softmax, cumsum, one fused
+    affine).  ``[..., :-1]`` are the interior knots; the last one is 1 up to
+    rounding and is replaced by exactly 1 in :func:`_fill_ends` (no slicing
+    here, so the backward pass allocates nothing extra)."""
+    K = raw.shape[-1]
+    base = min_size * torch.arange(1, K + 1, dtype=raw.dtype, device=raw.device)
+    return torch.add(base, torch.cumsum(torch.softmax(raw, dim=-1), dim=-1), alpha=1.0 - K * min_size)
 
 
-def _bin_search(inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bin index ``k`` in ``0..K-1`` of ``v`` given the interior knots ``inner`` (..., K-1).
+def _bin_search(edges: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bin index ``k`` in ``0..K-1`` of ``v`` given the right edges ``edges`` (..., K) of the bins.
 
-    Counts the knots at or below ``v``: a broadcasting comparison, no boolean
-    indexing and no copies when ``inner`` has a smaller batch shape than ``v``.
+    Counts the interior knots at or below ``v``: a broadcasting comparison, no
+    boolean indexing and no copies when ``edges`` has a smaller batch shape.
     """
-    return (v.unsqueeze(-1) >= inner).sum(-1)
+    return (v.unsqueeze(-1) >= edges[..., :-1]).sum(-1)
 
 
-def _neighbours(idx: torch.Tensor, bins: int) -> torch.Tensor:
-    """Positions (..., 2) in the interior-knot array of knots ``idx`` and ``idx + 1``,
-    clamped into range (the end knots are replaced by :func:`_fill_ends`)."""
-    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=bins - 2)), dim=-1)
+def _neighbours(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions (..., 2) of knots ``idx`` and ``idx + 1`` in an array of ``n``
+    values at knots ``1, 2, ...``, clamped into range (the end knots are set by
+    :func:`_fill_ends`)."""
+    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=n - 1)), dim=-1)
 
 
-def _fill_ends(lo, hi, idx, bins: int, first, last):
-    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set to ``first`` / ``last``."""
-    return torch.where(idx == 0, first, lo), torch.where(idx == bins - 1, last, hi)
+def _fill_ends(lo, hi, ends, first, last):
+    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set
+    to ``first`` / ``last``; ``ends = (idx == 0, idx == K - 1)``."""
+    return torch.where(ends[0], first, lo), torch.where(ends[1], last, hi)
 
 
-def _bin_ends(inner: torch.Tensor, idx: torch.Tensor, first, last):
-    """Values at knots ``idx`` and ``idx + 1`` from interior values ``inner`` (..., K-1)
-    and end values ``first`` / ``last`` (numbers or tensors): one gather."""
-    K = inner.shape[-1] + 1
-    if K == 1:
-        zero = torch.zeros_like(idx, dtype=inner.dtype)
+def _bin_ends(values: torch.Tensor, idx: torch.Tensor, bins: int, first, last):
+    """Values at knots ``idx`` and ``idx + 1`` from ``values`` (..., n) at knots
+    ``1..n`` (``n`` = ``K`` or ``K - 1``) and end values ``first`` / ``last``
+    (numbers or tensors): one gather."""
+    if values.shape[-1] == 0:
+        zero = torch.zeros_like(idx, dtype=values.dtype)
         return zero + first, zero + last
-    lo, hi = _take(inner, _neighbours(idx, K)).unbind(-1)
-    return _fill_ends(lo, hi, idx, K, first, last)
+    lo, hi = _take(values, _neighbours(idx, values.shape[-1])).unbind(-1)
+    return _fill_ends(lo, hi, (idx == 0, idx == bins - 1), first, last)
 
 
 def _take(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -298,7 +306,7 @@ class _Spline(Transformer):
 
     def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
         """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
-        inner = _inner_knots(_sizes(params[..., : self.bins]))
+        inner = _right_edges(params[..., : self.bins])[..., :-1]
         knots = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
         return (2 * self.bound) * knots - self.bound
 
@@ -341,10 +349,10 @@ class PiecewiseQuadratic(_Spline):
         e = torch.exp(params[..., K:] - params[..., K:].amax(-1, keepdim=True))
         area = 0.5 * (e[..., :-1] + e[..., 1:]) * w
         scale = (1 - eps) / area.sum(-1, keepdim=True)
-        x_inner, y_inner = _inner_knots(w), _inner_knots(scale * area + eps * w)
-        idx = _bin_search(y_inner if inverse else x_inner, z)
-        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
-        y0, _ = _bin_ends(y_inner, idx, 0.0, 1.0)
+        x_edges, y_edges = torch.cumsum(w, dim=-1), torch.cumsum(scale * area + eps * w, dim=-1)
+        idx = _bin_search(y_edges if inverse else x_edges, z)
+        x0, x1 = _bin_ends(x_edges, idx, K, 0.0, 1.0)
+        y0, _ = _bin_ends(y_edges, idx, K, 0.0, 1.0)
         v0, v1 = (scale * _take(e, torch.stack((idx, idx + 1), dim=-1)) + eps).unbind(-1)
         return x0, x1 - x0, y0, v0, v1
 
@@ -408,11 +416,11 @@ class CubicSpline(_Spline):
         s0, s1, w0, w1 = s[..., :-1], s[..., 1:], w[..., :-1], w[..., 1:]
         d_inner = torch.minimum(torch.minimum(2 * s0, 2 * s1), (s0 * w1 + s1 * w0) / (w0 + w1))
         d_ends = s[..., [0, -1]] * (delta + (3 - 2 * delta) * torch.sigmoid(params[..., 2 * K :] + self._END_SHIFT))
-        x_inner, y_inner = _inner_knots(w), _inner_knots(h)
-        idx = _bin_search(y_inner if inverse else x_inner, z)
-        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
-        y0, y1 = _bin_ends(y_inner, idx, 0.0, 1.0)
-        d0, d1 = _bin_ends(d_inner, idx, d_ends[..., 0], d_ends[..., 1])
+        x_edges, y_edges = torch.cumsum(w, dim=-1), torch.cumsum(h, dim=-1)
+        idx = _bin_search(y_edges if inverse else x_edges, z)
+        x0, x1 = _bin_ends(x_edges, idx, K, 0.0, 1.0)
+        y0, y1 = _bin_ends(y_edges, idx, K, 0.0, 1.0)
+        d0, d1 = _bin_ends(d_inner, idx, K, d_ends[..., 0], d_ends[..., 1])
         w = x1 - x0
         s = (y1 - y0) / w
         return x0, y0, w, d0, d0 + d1 - 2 * s, 3 * s - 2 * d0 - d1
@@ -477,15 +485,17 @@ class RationalQuadraticSpline(_Spline):
             one = torch.ones_like(z)
             return 0 * one, 0 * one, one, one, one, one, one
         # widths and heights together: one softmax, one cumsum, one gather
-        inner = _inner_knots(_sizes(params[..., : 2 * K].unflatten(-1, (2, K))))  # (..., 2, K-1)
-        idx = _bin_search(inner[..., int(inverse), :], z)
+        logits, raw_d = params.split((2 * K, K - 1), dim=-1)  # split: one concatenation in backward
+        edges = _right_edges(logits.unflatten(-1, (2, K)))  # (..., 2, K): widths and heights together
+        idx = _bin_search(edges[..., int(inverse), :], z)
         pair = _neighbours(idx, K)
-        knots = _take(inner, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
-        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], idx, K, 0.0, 1.0)
-        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], idx, K, 0.0, 1.0)
-        raw = _take(params[..., 2 * K :], pair)
+        ends = (idx == 0, idx == K - 1)
+        knots = _take(edges, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
+        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], ends, 0.0, 1.0)
+        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], ends, 0.0, 1.0)
+        raw = _take(raw_d, pair.clamp(max=K - 2))
         d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
-        d0, d1 = _fill_ends(d0, d1, idx, K, 1.0, 1.0)
+        d0, d1 = _fill_ends(d0, d1, ends, 1.0, 1.0)
         w, h = x1 - x0, y1 - y0
         return x0, y0, w, h, h / w, d0, d1
 
