@@ -58,6 +58,18 @@ def test_round_trip_float64(kind, seed):
 
 
 @pytest.mark.parametrize("kind", ALL)
+def test_round_trip_far_from_identity(kind):
+    """Parameters 2 N(0, 1) from the identity: steep and flat pieces side by side
+    (the case where plain Newton cycles; the iterative inverses must still converge)."""
+    t = _transformer(kind)
+    g = torch.Generator().manual_seed(12)
+    p = (t.identity_params().double() + 2.0 * torch.randn(64, t.num_params, generator=g, dtype=torch.float64))
+    x = torch.cat([3 * torch.randn(500, 64, generator=g, dtype=torch.float64), torch.linspace(-50, 50, 101, dtype=torch.float64).unsqueeze(-1).expand(-1, 64)])
+    y, _ = t.forward(x, p)
+    assert ((t.inverse(y, p)[0] - x).abs() / (1 + x.abs())).max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ALL)
 def test_round_trip_float32_three_sd(kind):
     t = _transformer(kind)
     for seed in range(3):

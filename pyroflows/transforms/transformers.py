@@ -246,8 +246,11 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
     ``fn(x)`` returns ``(value, derivative)``; the target is first clamped onto
     ``[fn(lo), fn(hi)]`` (rounding can put it just outside).  Each step shrinks the bracket
     at the current point, then takes the Newton step if it lands inside the
-    bracket and bisects otherwise (so a flat or badly scaled ``fn`` still
-    converges, at worst by bisection).  The loop runs without autograd; the
+    bracket and is at most half the previous step (or below a rounding floor
+    of ``16 eps`` times the bracket's scale), and bisects otherwise (the
+    rule of Numerical Recipes' ``rtsafe``: the steps shrink geometrically, and
+    Newton cycling across a flat or badly scaled ``fn`` falls back to
+    bisection).  The loop runs without autograd; the
     result gets the implicit-function gradient :math:`\partial x/\partial\cdot
     = -\partial(\mathrm{fn}(x) - \mathrm{target})/\partial\cdot \,/\, \mathrm{fn}'(x)`
     by one differentiable evaluation whose value contribution is exactly zero.
@@ -257,13 +260,18 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
         x, lo, hi = start.detach(), lo.detach(), hi.detach()
         # aim at the target clamped onto [fn(lo), fn(hi)], so that a root exists despite rounding
         t = torch.minimum(torch.maximum(target.detach(), fn(lo)[0]), fn(hi)[0])
+        step = hi - lo
+        # steps below ``tol`` (rounding noise at convergence) never trigger bisection
+        tol = 16 * torch.finfo(x.dtype).eps * (lo.abs() + hi.abs() + 1)
         for _ in range(iters):
             f, df = fn(x)
             err = f - t
             lo = torch.where(err <= 0, x, lo)
             hi = torch.where(err >= 0, x, hi)
             newton = x - err / df
-            x = torch.where((newton >= lo) & (newton <= hi), newton, 0.5 * (lo + hi))
+            ok = (newton >= lo) & (newton <= hi) & (2 * (newton - x).abs() <= torch.maximum(step, tol))
+            x_new = torch.where(ok, newton, 0.5 * (lo + hi))
+            step, x = (x_new - x).abs(), x_new
     f, df = fn(x)
     err = f - target
     tiny = torch.finfo(x.dtype).tiny
@@ -396,9 +404,13 @@ class CubicSpline(_Spline):
     ``K`` width, ``K`` height logits and the 2 end-derivative logits
     (``2K + 2``); zeros are the identity.  The forward is cheap; the inverse
     solves the cubic in its bin by safeguarded Newton with bisection on ``t``
-    in ``[0, 1]`` (``iters`` = 30 steps: at worst bisection, a bracket of
-    :math:`2^{-30}` of the bin; in practice Newton reaches float precision in
-    a handful of steps).
+    in ``[0, 1]`` (``iters`` = 30 steps).  Measured round-trip error (8 bins,
+    parameters perturbed from the identity by :math:`\sigma` N(0, 1)):
+    float64 :math:`\le 4\cdot 10^{-14}` for :math:`\sigma \le 1` (Newton
+    converges in 6--8 steps) and :math:`\sim 10^{-9}` for :math:`\sigma = 2`
+    (some points need bisection); float32 :math:`\sim 10^{-6}` at
+    :math:`\sigma = 0.3`, up to :math:`10^{-4}` where slopes are near the
+    minimum (the conditioning of the inverse).
     """
 
     #: shift of the end-derivative logits so that 0 gives derivative ratio 1 (the identity)
@@ -547,11 +559,13 @@ class LogisticMixtureCDF(Transformer):
     lies in :math:`[\min_k(\mu_k + s_k y), \max_k(\mu_k + s_k y)]` for any
     real :math:`y`; it is found by safeguarded Newton/bisection from the
     :math:`\pi`-weighted point of that bracket, ``iters`` = 40 steps (each a
-    full forward evaluation).  Bisection alone would leave a bracket of
-    :math:`2^{-40}` of its width (under :math:`10^{-10}` for :math:`|y|`,
-    :math:`|\mu|` of order 10); with Newton the measured round-trip error is
-    at float precision (:math:`\sim 10^{-15}` in float64, :math:`\sim 10^{-6}`
-    in float32 at 3 standard deviations).  Where the mixture is nearly flat
+    full evaluation).  Measured round-trip error relative to :math:`1 + |x|`
+    (8 components, parameters perturbed from the identity by :math:`\sigma`
+    N(0, 1), :math:`|x| \le 50`): float64 :math:`\sim 10^{-15}` for
+    :math:`\sigma \le 1` (Newton converges in under 10 steps),
+    :math:`10^{-10}` for :math:`\sigma = 2` (where some points need
+    bisection); float32 :math:`\sim 10^{-6}` for :math:`\sigma \le 1`.
+    Where the mixture is nearly flat
     (far-apart, narrow components) the inverse is ill conditioned in ``x``.
     """
 
