@@ -67,13 +67,17 @@ class _ReversibleStack(torch.autograd.Function):
 
     The backward pass walks the blocks in reverse, reconstructs each block's
     input from its output with the exact inverse, recomputes that one block
-    with autograd and backprops through it.  Memory: the output plus one
-    block's activations, independent of depth (Gomez et al. 2017).
+    with autograd and backprops through it, accumulating the parameter
+    gradients straight into ``.grad`` (as ``loss.backward()`` does).  Memory:
+    the output plus one block's activations and parameter gradients,
+    independent of depth (Gomez et al. 2017).  The parameters are therefore
+    not inputs of this function: a ``dummy`` tensor that requires grad makes
+    autograd call the backward even when ``x`` does not.
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, reverse, *params):
-        ctx.blocks, ctx.reverse, ctx.params = blocks, reverse, params
+    def forward(ctx, x, dummy, blocks, reverse):
+        ctx.blocks, ctx.reverse = blocks, reverse
         y = x
         for do, _, _ in _steps(blocks, reverse):
             y = do(y)
@@ -83,7 +87,6 @@ class _ReversibleStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        grads = {}
         for do, undo, block in reversed(_steps(ctx.blocks, ctx.reverse)):
             with torch.no_grad():
                 x = undo(y)
@@ -91,13 +94,9 @@ class _ReversibleStack(torch.autograd.Function):
                 x_ = x.detach().requires_grad_()
                 out = do(x_)
                 ps = [p for p in block.parameters() if p.requires_grad]
-                g = torch.autograd.grad(out, (x_, *ps), grad_y, allow_unused=True)
-            grad_y = g[0]
-            for p, gp in zip(ps, g[1:]):
-                if gp is not None:
-                    grads[p] = gp if p not in grads else grads[p] + gp
-            y = x
-        return (grad_y, None, None, *[grads.get(p) for p in ctx.params])
+                torch.autograd.backward(out, grad_y, inputs=[x_, *ps])
+            grad_y, y = x_.grad, x
+        return grad_y, None, None, None
 
 
 class ReversibleResidual(Bijector):
@@ -118,7 +117,10 @@ class ReversibleResidual(Bijector):
     activations inside the stack: a custom autograd function recomputes each
     block's input from its output during the backward pass, so training
     memory does not grow with ``num_blocks`` (it costs about one extra forward
-    pass).  Gradients equal ordinary backprop up to rounding.
+    pass).  Gradients equal ordinary backprop up to rounding; the parameter
+    gradients are accumulated into ``.grad`` during ``backward()`` (so use
+    ``loss.backward()``, not ``torch.autograd.grad`` w.r.t. the parameters, in
+    this mode).  ``benchmarks/reversible_memory.py`` measures the saving.
 
     References: Gomez et al. 2017, *The Reversible Residual Network*;
     Jacobsen et al. 2018, *i-RevNet*.
@@ -148,7 +150,8 @@ class ReversibleResidual(Bijector):
     def _run(self, x, reverse: bool):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.memory_saving and torch.is_grad_enabled() and (x.requires_grad or params):
-            return _ReversibleStack.apply(x, self.blocks, reverse, *params)
+            dummy = torch.empty(0, dtype=x.dtype, device=x.device, requires_grad=True)
+            return _ReversibleStack.apply(x, dummy, self.blocks, reverse)
         for do, _, _ in _steps(self.blocks, reverse):
             x = do(x)
         return x
