@@ -11,18 +11,18 @@ __all__: list[str] = []
 # ----------------------------------------------------------------------------
 # Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
 # ----------------------------------------------------------------------------
-from collections.abc import Sequence as _Sequence  # noqa: E402
+from collections.abc import Sequence as _Sequence
 
-from .flow import Flow as _Flow  # noqa: E402
-from .transforms.planar import ConditionalPlanar as _ConditionalPlanar  # noqa: E402
-from .transforms.planar import ConditionalRadial as _ConditionalRadial  # noqa: E402
-from .transforms.planar import ConditionalSylvester as _ConditionalSylvester  # noqa: E402
-from .transforms.planar import Planar as _Planar  # noqa: E402
-from .transforms.planar import Radial as _Radial  # noqa: E402
-from .transforms.planar import Sylvester as _Sylvester  # noqa: E402
-from .transforms.residual import InvertibleResidual as _InvertibleResidual  # noqa: E402
+from .flow import Flow as _Flow
+from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
+from .transforms.planar import ConditionalRadial as _ConditionalRadial
+from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
+from .transforms.planar import Planar as _Planar
+from .transforms.planar import Radial as _Radial
+from .transforms.planar import Sylvester as _Sylvester
+from .transforms.residual import InvertibleResidual as _InvertibleResidual
 
-__all__ += ["iresnet", "residual_flow", "planar", "radial", "sylvester"]
+__all__ += ["iresnet", "planar", "radial", "residual_flow", "sylvester"]
 
 
 def _no_context(name, context_dim):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pyroflows.flows as flows
+from pyroflows import flows
 from pyroflows.nn import LipschitzMLP, SpectralLinear
 from pyroflows.transforms import ConvergenceError, InvertibleResidual, ReversibleResidual
 
@@ -156,7 +156,7 @@ def test_fixed_point_inverse_and_its_gradient(cheap):
     assert torch.autograd.gradcheck(lambda t: solve(t)[0], (v.clone().requires_grad_(),))
     # parameter gradient: the implicit-function value (I + J)^{-1} (-dg/dtheta)
     w = layer.g[0].weight
-    loss = lambda: (solve(v)[0] ** 2).sum()  # noqa: E731
+    loss = lambda: (solve(v)[0] ** 2).sum()
     (grad,) = torch.autograd.grad(loss(), w)
     e = torch.zeros_like(w)
     e[0, 1] = 1e-6

@@ -3,4 +3,4 @@
 from .mlp import MLP
 from .spectral import LipschitzMLP, LipSwish, SpectralLinear
 
-__all__ = ["MLP", "SpectralLinear", "LipSwish", "LipschitzMLP"]
+__all__ = ["MLP", "LipSwish", "LipschitzMLP", "SpectralLinear"]

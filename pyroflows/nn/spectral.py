@@ -9,13 +9,14 @@ which i-ResNet / Residual Flows need (:math:`\mathrm{Lip}(g) < 1`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SpectralLinear", "LipSwish", "LipschitzMLP"]
+__all__ = ["LipSwish", "LipschitzMLP", "SpectralLinear"]
 
 
 class SpectralLinear(nn.Module):
@@ -134,7 +135,7 @@ class LipschitzMLP(nn.Sequential):
                  coeff: float = 0.9, activation: type[nn.Module] = LipSwish, **spectral_kw):
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [SpectralLinear(a, b, coeff, **spectral_kw), activation()]
         layers.append(SpectralLinear(widths[-1], out_features, coeff, **spectral_kw))
         super().__init__(*layers)

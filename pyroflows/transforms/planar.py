@@ -29,18 +29,18 @@ from .elementwise import check_input_dim
 from .residual import ConvergenceError, _default_tol
 
 __all__ = [
-    "Planar",
     "ConditionalPlanar",
-    "Radial",
     "ConditionalRadial",
-    "Sylvester",
     "ConditionalSylvester",
-    "planar",
+    "Planar",
+    "Radial",
+    "Sylvester",
     "conditional_planar",
-    "radial",
     "conditional_radial",
-    "sylvester",
     "conditional_sylvester",
+    "planar",
+    "radial",
+    "sylvester",
 ]
 
 
@@ -60,15 +60,19 @@ def solve_tanh_equation(t, a, rho, c, tol=None, max_iter: int = 100, what: str =
         td, ad, rd, cd = t.detach(), a.detach(), rho.detach(), c.detach()
         lo, hi = td - ad.abs(), td + ad.abs()
         s = td - ad * torch.tanh(rd * td + cd)
+        step_old = hi - lo
         for _ in range(max_iter):
             th = torch.tanh(rd * s + cd)
             f = s + ad * th - td
+            fp = 1 + ad * rd * (1 - th * th)
             lo = torch.where(f < 0, s, lo)
             hi = torch.where(f > 0, s, hi)
-            s_new = s - f / (1 + ad * rd * (1 - th * th))
-            outside = ~((s_new >= lo) & (s_new <= hi))
-            s_new = torch.where(outside, (lo + hi) / 2, s_new)
-            done = ((s_new - s).abs() <= tol * (1 + s_new.abs())).all()
+            newton = s - f / fp
+            # bisect when Newton leaves the bracket or does not halve the previous step (rtsafe)
+            bisect = (newton < lo) | (newton > hi) | (2 * f.abs() > (step_old * fp).abs())
+            s_new = torch.where(bisect, (lo + hi) / 2, newton)
+            step_old = s_new - s
+            done = (step_old.abs() <= tol * (1 + s_new.abs())).all()
             s = s_new
             if done:
                 break
@@ -109,7 +113,7 @@ def _split(theta, sizes):
 def _planar_params(theta, D):
     u, w, b = _split(theta, [D, D, 1])
     wu = (w * u).sum(-1, keepdim=True)
-    m = F.softplus(wu) - 1  # w . u_hat = m > -1: invertible
+    m = F.softplus(wu).clamp_min(torch.finfo(wu.dtype).eps) - 1  # w . u_hat = m > -1: invertible
     u_hat = u + (m - wu) * w / (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return u_hat, w, b[..., 0], m[..., 0]
 
@@ -175,8 +179,9 @@ class ConditionalPlanar(_Flat, _PlanarMath, ConditionalBijector):
 # ----------------------------------------------------------------------------
 def _radial_params(theta, D):
     z0, a, b = _split(theta, [D, 1, 1])
-    alpha = F.softplus(a[..., 0])
-    beta = -alpha + F.softplus(b[..., 0])  # beta > -alpha: invertible
+    eps = torch.finfo(theta.dtype).eps
+    alpha = F.softplus(a[..., 0]).clamp_min(torch.finfo(theta.dtype).tiny)
+    beta = -alpha + torch.maximum(F.softplus(b[..., 0]), eps * alpha)  # beta > -alpha: invertible
     return z0, alpha, beta
 
 
@@ -291,8 +296,9 @@ class _SylvesterMath:
         r = r.unflatten(-1, (M, M))
         rt = rt.unflatten(-1, (M, M))
         # upper triangular, diagonals in (-1, 1): R_ii * Rt_ii > -1 = -1/sup|tanh'|, invertible
-        R = r.triu(1) + torch.diag_embed(torch.tanh(r.diagonal(dim1=-2, dim2=-1)))
-        Rt = rt.triu(1) + torch.diag_embed(torch.tanh(rt.diagonal(dim1=-2, dim2=-1)))
+        shrink = 1 - torch.finfo(r.dtype).eps  # tanh rounds to +-1 for large arguments
+        R = r.triu(1) + torch.diag_embed(shrink * torch.tanh(r.diagonal(dim1=-2, dim2=-1)))
+        Rt = rt.triu(1) + torch.diag_embed(shrink * torch.tanh(rt.diagonal(dim1=-2, dim2=-1)))
         if self.variant == "orthogonal":
             Q = torch.linalg.qr(q.unflatten(-1, (D, M)))[0]
         elif self.variant == "householder":

@@ -22,11 +22,11 @@ from .base import Bijector
 from .elementwise import check_input_dim
 
 __all__ = [
-    "ReversibleResidual",
-    "InvertibleResidual",
     "ConvergenceError",
-    "reversible_residual",
+    "InvertibleResidual",
+    "ReversibleResidual",
     "invertible_residual",
+    "reversible_residual",
 ]
 
 
