@@ -204,8 +204,11 @@ class InvertibleResidual(Bijector):
     * ``"series"``: i-ResNet's truncated power series
       :math:`\sum_{k=1}^{n} \frac{(-1)^{k+1}}{k} v^\top J^k v` with
       Rademacher Hutchinson vectors :math:`v` (``n_terms``, ``n_samples``).
-      **Biased** by the truncation (at most :math:`D\,\sum_{k>n} \mathrm{Lip}^k/k`);
-      ``tests/test_residual.py`` measures it.
+      **Biased** by the truncation (at most :math:`D\,\sum_{k>n} \mathrm{Lip}^k/k`):
+      the estimate is unbiased for the truncated series, not for the log-det.
+      Measured in ``tests/test_residual.py`` (D = 4, linear :math:`g` with
+      :math:`\|J\| = 0.9`, log-det -1.330): bias +0.128 with 1 term, -0.057
+      with 2, +0.002 with 5, -2.5e-5 with 10; the gradient is biased too.
     * ``"roulette"``: Residual Flows' unbiased Russian-roulette estimator: the
       first ``n_exact_terms`` terms always, then :math:`N \sim \mathrm{Geom}(p)`
       more (per row), term :math:`k` reweighted by :math:`1/P(N \ge k - n_0)`.
