@@ -18,17 +18,17 @@ from .base import Bijector, ConditionalBijector
 from .transformers import PiecewiseLinear, Transformer, make_transformer
 
 __all__ = [
-    "Elementwise",
     "ConditionalElementwise",
+    "Elementwise",
     "LeakyReLU",
-    "Sigmoid",
     "Logit",
-    "elementwise",
+    "Sigmoid",
     "conditional_elementwise",
-    "piecewise_linear",
+    "elementwise",
     "leaky_relu",
-    "sigmoid",
     "logit",
+    "piecewise_linear",
+    "sigmoid",
 ]
 
 unit_interval_vector = constraints.independent(constraints.unit_interval, 1)

@@ -35,16 +35,16 @@ from .transformers import Affine
 
 __all__ = [
     "LU",
-    "Triangular",
-    "Householder",
     "ConditionalHouseholder",
     "Dense",
-    "lu",
-    "triangular",
-    "diagonal",
-    "householder",
+    "Householder",
+    "Triangular",
     "conditional_householder",
     "dense",
+    "diagonal",
+    "householder",
+    "lu",
+    "triangular",
 ]
 
 
