@@ -2,17 +2,17 @@ r"""Linear flows: :math:`y = W x + b` with a structured, invertible :math:`W`.
 
 A linear layer mixes dimensions, which elementwise layers cannot; the
 structure of :math:`W` decides what its determinant and inverse cost
-(Prince, "Understanding Deep Learning", section 16.3.2):
+(Prince, "Understanding Deep Learning", section 16.3, linear flows):
 
-=============  ==============================  ============  ============
-layer          :math:`W`                       log-det       inverse
-=============  ==============================  ============  ============
-``diagonal``   :math:`\mathrm{diag}(e^{s})`    :math:`O(D)`  :math:`O(D)`
-``Triangular`` lower, positive diagonal        :math:`O(D)`  :math:`O(D^2)`
-``LU``         :math:`P L (U + D)`             :math:`O(D)`  :math:`O(D^2)`
-``Householder`` :math:`H_K \cdots H_1`         0             :math:`O(KD)`
-``Dense``      any invertible matrix           :math:`O(D^3)` :math:`O(D^3)`
-=============  ==============================  ============  ============
+===================  ==============================  ==============  ==============
+layer                :math:`W`                       log-det         inverse
+===================  ==============================  ==============  ==============
+``diagonal``         :math:`\mathrm{diag}(e^{s})`    :math:`O(D)`    :math:`O(D)`
+``Triangular``       lower, positive diagonal        :math:`O(D)`    :math:`O(D^2)`
+``LU``               :math:`P L (U + D)`             :math:`O(D)`    :math:`O(D^2)`
+``Householder``      :math:`H_K \cdots H_1`          0               :math:`O(KD)`
+``Dense``            any invertible matrix           :math:`O(D^3)`  :math:`O(D^3)`
+===================  ==============================  ==============  ==============
 
 Costs are per batch (the log-det) and per row (the inverse).  ``Dense`` is the
 slow reference the others are checked against.  Each ``Triangular``, ``LU``
@@ -201,7 +201,7 @@ class Triangular(Bijector):
     triangular matrix-vector product, the inverse a triangular solve, both
     :math:`O(D^2)` per row; the log-det is :math:`O(D)`.  A triangular layer
     makes :math:`y_d` depend on :math:`x_{\le d}` only, a linear
-    autoregressive flow (Prince, section 16.3.2).  Starts at the identity.
+    autoregressive flow (Prince, section 16.3).  Starts at the identity.
     """
 
     def __init__(self, input_dim: int, cache_size: int = 1):
