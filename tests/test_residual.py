@@ -9,7 +9,6 @@ from pyroflows import flows
 from pyroflows.nn import LipschitzMLP, SpectralLinear
 from pyroflows.transforms import ConvergenceError, InvertibleResidual, ReversibleResidual
 
-torch.set_default_dtype(torch.float64)
 
 
 @pytest.fixture(autouse=True)
