@@ -10,7 +10,6 @@ from pyroflows.nn import LipschitzMLP, SpectralLinear
 from pyroflows.transforms import ConvergenceError, InvertibleResidual, ReversibleResidual
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()

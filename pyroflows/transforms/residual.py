@@ -215,6 +215,10 @@ class InvertibleResidual(Bijector):
       Its gradient is the unbiased Neumann-series estimate
       :math:`\nabla \log\det(I+J) = \sum_{k\ge 0} (-1)^k\,\mathrm{tr}(J^k \nabla J)`
       (Chen et al. 2019), computed with one extra double-backward product.
+      Its variance is finite when :math:`\mathrm{Lip}(g)^2 < 1 - p`; the bound
+      :math:`c^L` does not always guarantee that (e.g. ``residual_flow``'s
+      :math:`c = 0.98`), though the actual contraction is usually far smaller;
+      raise ``n_exact_terms`` or lower ``geom_p`` to tame it.
     * ``"auto"`` (default): ``"exact"`` when :math:`D \le 3` (no more
       vector-Jacobian products than one roulette estimate, and no variance),
       otherwise ``"roulette"``.
