@@ -258,8 +258,9 @@ class TwoMoons(ToyDensity):
     def _log_prob(self, x):
         s2 = self.noise**2
         out = []
+        x2 = (x**2).sum(-1, keepdim=True)
         for c in self._curves(self._theta):
-            sq = ((x.unsqueeze(-2) - c) ** 2).sum(-1)             # (..., nodes)
+            sq = x2 - 2 * x @ c.T + (c**2).sum(-1)                 # (..., nodes), via one matmul
             out.append(torch.logsumexp(-0.5 * sq / s2 + self._log_w, -1))
         return torch.logsumexp(torch.stack(out, -1), -1) - math.log(2) - math.log(2 * math.pi * s2)
 

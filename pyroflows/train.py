@@ -265,6 +265,7 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
     params = [p for p in flow.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
     history = History()
     best = math.inf
     best_state = None
@@ -277,11 +278,11 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
         history = ckpt["history"]
         history.resumed_from = start = history.epochs
         best, best_state, since_best = ckpt["best"], ckpt["best_state"], ckpt["since_best"]
+        generator.set_state(ckpt["generator"])
         if rank == 0:
             log.info("resumed from %s at epoch %d", checkpoint, start)
 
     # ---- the loop --------------------------------------------------------
-    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
     n = x.shape[0]
     if distributed:
         from torch.utils.data import DistributedSampler
@@ -355,7 +356,7 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
             if checkpoint is not None and rank == 0:
                 _save_checkpoint(checkpoint, {"flow": flow.state_dict(), "optimizer": optimizer.state_dict(),
                                               "history": history, "best": best, "best_state": best_state,
-                                              "since_best": since_best})
+                                              "since_best": since_best, "generator": generator.get_state()})
             if stop:
                 if rank == 0:
                     log.info("early stopping at epoch %d (best epoch %d)", epoch, history.best_epoch)
