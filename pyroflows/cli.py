@@ -34,22 +34,22 @@ import torch
 from .flow import Flow
 
 __all__ = [
-    "PREFERRED",
+    "DEMO_SECTIONS",
     "NORMALIZING_DIRECTION_KINDS",
-    "best_elementwise_kind",
-    "elementwise_flow",
+    "PREFERRED",
     "CLIError",
-    "available_flows",
-    "make_flow",
-    "resolve_flow_name",
-    "read_csv",
-    "save_model",
-    "load_model",
     "DemoContext",
     "SectionResult",
-    "DEMO_SECTIONS",
-    "run_demo",
+    "available_flows",
+    "best_elementwise_kind",
+    "elementwise_flow",
+    "load_model",
     "main",
+    "make_flow",
+    "read_csv",
+    "resolve_flow_name",
+    "run_demo",
+    "save_model",
 ]
 
 # ----------------------------------------------------------------------
@@ -205,29 +205,22 @@ def _is_float(v: str) -> bool:
 
 
 def _write_csv(rows: torch.Tensor | list, header: list[str] | None, out: str | None, fmt="{:.6g}"):
-    stream = sys.stdout if out in (None, "-") else None
-    try:
-        f = stream or open(out, "w", newline="", encoding="utf-8")
-    except OSError as e:
-        raise CLIError(f"{out}: cannot write ({e.strerror})") from None
-    with f if stream is None else _nullcontext(f):
+    def write(f):
         w = csv.writer(f, lineterminator="\n")
         if header:
             w.writerow(header)
         for r in rows:
             w.writerow([fmt.format(v) if isinstance(v, float) else v for v in r])
 
-
-class _nullcontext:
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self.f
-
-    def __exit__(self, *exc):
-        self.f.flush()
-        return False
+    if out in (None, "-"):
+        write(sys.stdout)
+        sys.stdout.flush()
+        return
+    try:
+        with open(out, "w", newline="", encoding="utf-8") as f:
+            write(f)
+    except OSError as e:
+        raise CLIError(f"{out}: cannot write ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------
@@ -296,7 +289,7 @@ def cmd_fit(args) -> int:
     z = (x - mean) / std
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(z.shape[0], generator=g)
-    n_val = int(round(args.val_fraction * z.shape[0])) if z.shape[0] >= 20 else 0
+    n_val = round(args.val_fraction * z.shape[0]) if z.shape[0] >= 20 else 0
     val, train = z[perm[:n_val]], z[perm[n_val:]]
     torch.manual_seed(args.seed)
     name = resolve_flow_name(args.flow, x.shape[1])
@@ -481,9 +474,9 @@ def run_demo(ctx: DemoContext, sections=None) -> list[SectionResult]:
         for row in res.rows:
             print(f"{res.title}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()), flush=True)
     lines = ["# pyroflows demo report", "",
-             f"{'Quick run' if ctx.quick else 'Full run'}, seed {ctx.seed}. NLL in nats per row "
-             "(lower is better; the true density's NLL on the same test rows is the floor a perfect "
-             "model reaches, and its expectation is the entropy).", ""]
+             (f"{'Quick run' if ctx.quick else 'Full run'}, seed {ctx.seed}. NLL in nats per row "
+              "(lower is better; the true density's NLL on the same test rows is the floor a perfect "
+              "model reaches, and its expectation is the entropy)."), ""]
     for res in results:
         lines += [f"## {res.title}", "", res.text, ""]
         if res.rows:

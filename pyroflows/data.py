@@ -24,17 +24,17 @@ import math
 import torch
 
 __all__ = [
-    "ToyDensity",
-    "Bimodal1D",
-    "EightGaussians",
-    "Checkerboard",
-    "Rings",
-    "TwoMoons",
     "TOY_DENSITIES",
-    "toy_density",
+    "Bimodal1D",
+    "Checkerboard",
+    "EightGaussians",
+    "Rings",
+    "ToyDensity",
+    "TwoMoons",
+    "dequantize",
     "load_digits",
     "load_mnist",
-    "dequantize",
+    "toy_density",
 ]
 
 _LOG_2PI = math.log(2 * math.pi)

@@ -14,8 +14,15 @@ import os
 
 import torch
 
-__all__ = ["density_1d", "density_2d", "compare_2d", "flow_layers_2d", "training_curves", "image_grid",
-           "close"]
+__all__ = [
+    "close",
+    "compare_2d",
+    "density_1d",
+    "density_2d",
+    "flow_layers_2d",
+    "image_grid",
+    "training_curves",
+]
 
 
 def _plt():
@@ -118,7 +125,7 @@ def flow_layers_2d(flow, bounds=(-4, 4, -4, 4), grid: int = 120, max_panels: int
     if getattr(flow, "is_conditional", False):
         raise ValueError("flow_layers_2d needs an unconditional flow")
     layers = list(flow().transforms)
-    steps = sorted(set(round(i) for i in torch.linspace(0, len(layers), min(max_panels, len(layers) + 1)).tolist()))
+    steps = sorted({round(i) for i in torch.linspace(0, len(layers), min(max_panels, len(layers) + 1)).tolist()})
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.8), squeeze=False)
     base = flow.base_distribution()
     for ax, k in zip(axes[0], steps):
@@ -181,7 +188,7 @@ def image_grid(images, shape=None, nrow: int | None = None, cmap: str = "gray"):
     x = torch.as_tensor(images).detach().cpu().float()
     if x.dim() == 2:
         if shape is None:
-            side = int(math.isqrt(x.shape[1]))
+            side = math.isqrt(x.shape[1])
             if side * side != x.shape[1]:
                 raise ValueError(f"rows of width {x.shape[1]} are not square images: pass shape=(H, W)")
             shape = (side, side)
@@ -194,10 +201,10 @@ def image_grid(images, shape=None, nrow: int | None = None, cmap: str = "gray"):
         else:
             raise ValueError(f"images of shape (N, C, H, W) need C = 1 or 3, got C = {x.shape[1]}")
     if x.dim() not in (3, 4) or x.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch of images, got shape {tuple(images.shape)}")
+        raise ValueError(f"expected a non-empty batch of images, got shape {tuple(x.shape)}")
     n = x.shape[0]
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
     fig, axes = plt.subplots(ncol, nrow, figsize=(nrow, ncol), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["History", "fit", "check_data"]
+__all__ = ["History", "check_data", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class History:
 def _as_tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+    if isinstance(x, (np.ndarray, list, tuple)):
         try:
             return torch.as_tensor(np.asarray(x, dtype=np.float64))
         except (TypeError, ValueError) as e:

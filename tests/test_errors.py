@@ -133,7 +133,7 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
 # ---- inference API (checked once pyroflows.infer lands) -----------------------------------
 def _infer():
     try:
-        import pyroflows.infer as infer
+        from pyroflows import infer
     except ImportError:
         pytest.skip("pyroflows.infer not available yet")
     return infer

@@ -9,7 +9,7 @@ from pyroflows.train import History
 from pyroflows.transforms.elementwise import elementwise
 
 pytest.importorskip("matplotlib")
-from pyroflows import plot  # noqa: E402
+from pyroflows import plot
 
 
 def flow2d():
