@@ -9,6 +9,7 @@ from torch import nn
 
 from pyroflows import Flow
 from pyroflows.train import History, fit
+from pyroflows.transforms.base import ConditionalBijector
 from pyroflows.transforms.elementwise import elementwise
 
 MEAN = torch.tensor([1.0, -2.0])
@@ -147,3 +148,58 @@ def test_zero_epochs_leaves_parameters():
     before = params(flow)
     h = fit(flow, gaussian_data(10), epochs=0, batch_size=5, lr=0.01, progress=False)
     assert h.train_nll == [] and same(before, params(flow))
+
+
+# ---- conditional flows: fit(..., context=...) ------------------------------------------
+class ConditionalAffine(ConditionalBijector):
+    """y = x * exp(s(c)) + t(c) with (t, s) linear in the context (a test-only layer)."""
+
+    def __init__(self, dim, context_dim):
+        super().__init__()
+        self.event_shape, self.context_dim = (dim,), context_dim
+        self.net = nn.Linear(context_dim, 2 * dim)
+        nn.init.zeros_(self.net.weight)
+        nn.init.zeros_(self.net.bias)
+
+    def _ts(self, context):
+        t, s = self.net(context).chunk(2, -1)
+        return t, s
+
+    def forward(self, x, context):
+        t, s = self._ts(context)
+        return x * s.exp() + t, s.sum(-1).expand(x.shape[:-1])
+
+    def inverse(self, y, context):
+        t, s = self._ts(context)
+        return (y - t) * (-s).exp(), s.sum(-1).expand(y.shape[:-1])
+
+
+def conditional_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, 1, generator=g)
+    return 3 * c + 0.5 * torch.randn(n, 1, generator=g), c
+
+
+def test_fit_conditional_flow_with_context():
+    torch.manual_seed(0)
+    flow = Flow([ConditionalAffine(1, 1)])
+    x, c = conditional_data(2000)
+    xv, cv = conditional_data(500, seed=1)
+    hist = fit(flow, x, context=c, val_data=xv, val_context=cv, epochs=60, batch_size=200, lr=0.05,
+               progress=False, seed=0)
+    entropy = 0.5 * (1 + math.log(2 * math.pi)) + math.log(0.5)  # of the noise given the context
+    assert abs(hist.val_nll[hist.best_epoch] - entropy) < 0.05
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({}, "conditional: pass context="),
+    ({"context": torch.zeros(50, 2)}, r"context has the wrong width: expected rows of shape \(1,\)"),
+    ({"context": torch.zeros(49, 1)}, "context has 49 rows but the data have 50"),
+    ({"context": torch.zeros(50, 1), "val_data": torch.zeros(5, 1)}, "val_context"),
+])
+def test_conditional_context_errors_leave_parameters(kw, match):
+    flow = Flow([ConditionalAffine(1, 1)])
+    before = params(flow)
+    with pytest.raises(ValueError, match=match):
+        fit(flow, torch.zeros(50, 1), epochs=1, batch_size=10, lr=0.1, progress=False, **kw)
+    assert same(before, params(flow))
