@@ -146,6 +146,24 @@ def _state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+_CHECKPOINT_KEYS = {"flow", "optimizer", "history", "best", "best_state", "since_best", "generator"}
+
+
+def _load_checkpoint(path, flow) -> dict:
+    """Read and validate a checkpoint before anything is changed (ValueError naming the file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling error means: not a checkpoint
+        raise ValueError(f"cannot resume: {path} is not a pyroflows checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
+        raise ValueError(f"cannot resume: {path} is not a checkpoint written by pyroflows.train.fit")
+    own = flow.state_dict()
+    theirs = ckpt["flow"]
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+        raise ValueError(f"cannot resume: {path} holds the parameters of a different flow architecture")
+    return ckpt
+
+
 def _save_checkpoint(path, payload):
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
@@ -233,6 +251,7 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
         cv = _check_context(val_context, flow, xv.shape[0], "val_context", dtype)
     elif val_context is not None:
         raise ValueError("val_context was given without val_data")
+    ckpt = _load_checkpoint(checkpoint, flow) if resume and os.path.exists(checkpoint) else None
 
     # ---- distributed set-up --------------------------------------------
     world, rank, local_rank = _dist_info()
@@ -261,6 +280,11 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        # Data-dependent initialisation (ActNorm) happens on the first batch a layer sees; run it
+        # here, before DDP broadcasts rank 0's parameters and buffers, so every rank starts equal.
+        with torch.no_grad():
+            model(x[:batch_size], None if c is None else c[:batch_size])
+
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in flow.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -271,8 +295,7 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
     best_state = None
     since_best = 0
     start = 0
-    if resume and os.path.exists(checkpoint):
-        ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    if ckpt is not None:
         flow.load_state_dict(ckpt["flow"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history = ckpt["history"]

@@ -15,11 +15,13 @@ WORKER = textwrap.dedent('''
     from pyroflows import Flow
     from pyroflows.train import fit
     from pyroflows.transforms.elementwise import elementwise
+    from pyroflows.transforms.normalization import actnorm
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
     torch.manual_seed(100 + rank)            # different initial parameters: DDP must broadcast rank 0's
-    flow = Flow([elementwise(2, kind="piecewise_linear"), elementwise(2, kind="affine")])
+    # ActNorm initialises itself from the first batch it sees: the ranks' shards differ
+    flow = Flow([elementwise(2, kind="piecewise_linear"), elementwise(2, kind="affine"), actnorm(2)])
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0)) * 2 + 1
     hist = fit(flow, x, epochs=3, batch_size=50, lr=0.02, progress=False, seed=0,
                checkpoint=os.path.join(out, "ck.pt"))

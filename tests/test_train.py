@@ -203,3 +203,18 @@ def test_conditional_context_errors_leave_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
         fit(flow, torch.zeros(50, 1), epochs=1, batch_size=10, lr=0.1, progress=False, **kw)
     assert same(before, params(flow))
+
+
+def test_resume_from_a_bad_checkpoint_leaves_parameters(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    fit(Flow([elementwise(3, kind="affine")]), torch.zeros(10, 3), epochs=1, batch_size=5, lr=0.01,
+        progress=False, checkpoint=other)
+    for path, match in [(junk, "not a pyroflows checkpoint"), (other, "different flow architecture")]:
+        flow = affine_flow()
+        before = params(flow)
+        with pytest.raises(ValueError, match=match):
+            fit(flow, gaussian_data(10), epochs=2, batch_size=5, lr=0.01, progress=False, checkpoint=path,
+                resume=True)
+        assert same(before, params(flow))
