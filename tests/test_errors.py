@@ -167,3 +167,28 @@ def test_distill_rejects_a_log_density_of_the_wrong_shape():
     with pytest.raises(ValueError, match="shape"):
         infer.distill(flow, lambda z: z.sum(-1, keepdim=True), **kw)
     assert unchanged(flow, before)
+
+
+def test_conditional_flow_context_errors():
+    from pyroflows.transforms.elementwise import conditional_elementwise
+
+    flow = Flow([conditional_elementwise(2, 3, kind="affine")])
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"conditional: call it with a context of shape \(\.\.\., 3\)"):
+        flow.log_prob(x)
+    with pytest.raises(ValueError, match=r"expected a context of shape \(\.\.\., 3\), got \(4, 2\)"):
+        flow.log_prob(x, torch.zeros(4, 2))
+    before = snapshot(flow)
+    with pytest.raises(ValueError, match="conditional: pass context="):
+        fit(flow, x, epochs=1, batch_size=2, lr=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"context has the wrong width: expected rows of shape \(3,\), got \(2,\)"):
+        fit(flow, x, context=torch.zeros(4, 2), epochs=1, batch_size=2, lr=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"context has NaN or infinite values in 1 row\(s\): 2"):
+        c = torch.zeros(4, 3)
+        c[2, 1] = float("nan")
+        fit(flow, x, context=c, epochs=1, batch_size=2, lr=0.1, progress=False)
+    assert unchanged(flow, before)
+    # and with a correct context it trains
+    h = fit(flow, torch.randn(64, 2), context=torch.randn(64, 3), epochs=2, batch_size=16, lr=0.01,
+            progress=False)
+    assert len(h.train_nll) == 2
