@@ -215,6 +215,8 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
 
     Returns:
         a :class:`History` with per-epoch ``train_nll`` and ``val_nll``.
+        The flow is left in ``eval()`` mode (BatchNorm layers then use their
+        running statistics, the exact bijection).
 
     Raises:
         ValueError: bad data (NaN/inf rows, wrong width, empty, 1-D), bad

@@ -151,8 +151,8 @@ def test_autoflow_rejects_a_discrete_latent():
         pyro.sample("x", dist.Normal(0.0, 1.0))
 
     pyro.clear_param_store()
-    guide = infer.AutoFlow(model)
-    with pytest.raises(ValueError, match="(?i)discrete|enumerat|continuous"):
+    with pytest.raises((ValueError, NotImplementedError), match="(?i)discrete"):
+        guide = infer.AutoFlow(model)
         guide()
 
 
@@ -164,7 +164,7 @@ def test_distill_rejects_a_log_density_of_the_wrong_shape():
     before = snapshot(flow)
     kw = {k: v for k, v in {"num_steps": 2, "num_samples": 8, "lr": 0.01}.items()
           if k in inspect.signature(infer.distill).parameters}
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="(?i)shape"):
         infer.distill(flow, lambda z: z.sum(-1, keepdim=True), **kw)
     assert unchanged(flow, before)
 
