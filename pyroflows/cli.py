@@ -283,6 +283,8 @@ def load_model(path: str) -> LoadedModel:
 def cmd_fit(args) -> int:
     from .train import fit
 
+    if not 0 <= args.val_fraction < 1:
+        raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     x, header = read_csv(args.data)
     mean, std = x.mean(0), x.std(0) if x.shape[0] > 1 else torch.ones(x.shape[1])
     std = torch.where(std > 0, std, torch.ones_like(std))
@@ -305,8 +307,8 @@ def cmd_fit(args) -> int:
     try:
         save_model(args.out, flow, flow_name=name, flow_kwargs={}, mean=mean, std=std, columns=header,
                    train_log_prob=train_lp, history=hist)
-    except OSError as e:
-        raise CLIError(f"{args.out}: cannot write ({e.strerror})") from None
+    except (OSError, RuntimeError) as e:
+        raise CLIError(f"{args.out}: cannot write ({getattr(e, 'strerror', None) or str(e).splitlines()[0]})") from None
     nll = hist.val_nll[hist.best_epoch] if hist.val_nll else hist.train_nll[-1]
     print(f"fitted {name} to {x.shape[0]} rows x {x.shape[1]} columns in {hist.epochs} epochs; "
           f"{'validation' if hist.val_nll else 'training'} NLL {nll + float(std.log().sum()):.4f} nats/row; "

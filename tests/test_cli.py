@@ -164,3 +164,15 @@ def test_saved_model_reloads_to_the_same_density(tmp_path, name):
     with torch.no_grad():
         expected = flow.log_prob((x - mean) / std) - std.log().sum()
     assert torch.allclose(model.log_prob(x), expected, atol=1e-5)
+
+
+def test_unwritable_outputs_and_bad_options(tmp_path, capsys, data_csv, model_pt):
+    missing_dir = tmp_path / "no" / "such" / "dir"
+    assert main(["fit", str(data_csv[0]), "--epochs", "1", "--quiet", "--out", str(missing_dir / "m.pt")]) == 1
+    assert "m.pt: cannot write" in capsys.readouterr().err
+    assert main(["sample", str(model_pt), "-n", "3", "--out", str(missing_dir / "s.csv")]) == 1
+    assert "s.csv: cannot write" in capsys.readouterr().err
+    assert main(["fit", str(data_csv[0]), "--val-fraction", "1.5"]) == 1
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main(["sample", str(model_pt), "-n", "-2"]) == 1
+    assert "-n must be >= 0" in capsys.readouterr().err
