@@ -41,7 +41,7 @@ __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 class _Pass:
     """One cached pass: the pair (x, y), its log-det and a validity key."""
 
-    __slots__ = ("x", "y", "ladj", "key", "valid", "__weakref__")
+    __slots__ = ("__weakref__", "key", "ladj", "valid", "x", "y")
 
     def __init__(self, x, y, ladj, key):
         self.x, self.y, self.ladj, self.key, self.valid = x, y, ladj, key, True
