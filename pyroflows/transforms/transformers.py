@@ -254,7 +254,9 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
     result gets the implicit-function gradient :math:`\partial x/\partial\cdot
     = -\partial(\mathrm{fn}(x) - \mathrm{target})/\partial\cdot \,/\, \mathrm{fn}'(x)`
     by one differentiable evaluation whose value contribution is exactly zero.
-    A fixed step count keeps it free of data-dependent control flow.
+    At most ``iters`` steps; eager mode stops early once every point has
+    converged, while under ``torch.compile`` the fixed count keeps the graph
+    free of data-dependent control flow.
     """
     with torch.no_grad():
         x, lo, hi = start.detach(), lo.detach(), hi.detach()
@@ -272,6 +274,10 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
             ok = (newton >= lo) & (newton <= hi) & (2 * (newton - x).abs() <= torch.maximum(step, tol))
             x_new = torch.where(ok, newton, 0.5 * (lo + hi))
             step, x = (x_new - x).abs(), x_new
+            # eager only: stop once every step is below the rounding floor (a compiled
+            # graph runs all ``iters`` steps, keeping it free of data-dependent control flow)
+            if not torch.compiler.is_compiling() and bool((step <= tol).all()):
+                break
     f, df = fn(x)
     err = f - target
     tiny = torch.finfo(x.dtype).tiny
