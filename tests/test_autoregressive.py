@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_coupling import KINDS_LARGE, _count_calls, _perturb
 
 import pyroflows.transforms as T
 from pyroflows import Flow
 from pyroflows.transforms.transformers import KINDS
-from test_coupling import KINDS_LARGE, _count_calls, _perturb
 
 LAYERS = {"maf": T.masked_autoregressive, "iaf": T.inverse_autoregressive}
 
