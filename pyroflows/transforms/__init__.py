@@ -12,7 +12,7 @@ import importlib as _importlib
 
 from .base import Bijector, ConditionalBijector, ConditionedBijector
 
-_FAMILIES = ["elementwise", "permutation", "coupling", "autoregressive"]
+_FAMILIES = ["elementwise", "linear", "normalization", "permutation", "coupling", "autoregressive"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:
