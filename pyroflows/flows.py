@@ -5,8 +5,11 @@
 
 Coupling architectures alternate which half is transformed (free) and put a
 fixed random permutation between consecutive layers when ``input_dim > 2``
-(``mixing="permute"``) so every pair of dimensions eventually interacts;
-``mixing="alternate"`` uses the alternating halves alone (fastest).
+(``mixing="permute"``, free) so every pair of dimensions eventually
+interacts; ``mixing="lu"`` puts a learned LU linear layer there instead (Glow's
+generalised permutation, Kingma & Dhariwal 2018; one D x D matmul, and a
+triangular solve when sampling); ``mixing="alternate"`` uses the alternating
+halves alone (fastest).
 Autoregressive architectures alternate the MADE ordering (natural,
 reversed), which costs nothing.
 """
@@ -25,6 +28,7 @@ from .transforms.autoregressive import (
 )
 from .transforms.coupling import DEFAULT_SPLINE, build_coupling
 from .transforms.elementwise import check_input_dim, elementwise
+from .transforms.linear import lu
 from .transforms.permutation import permute
 from .transforms.transformers import Transformer, make_transformer
 
@@ -41,12 +45,14 @@ def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound
     _check(input_dim, num_layers)
     if input_dim < 2:
         raise ValueError(f"coupling flows need input_dim >= 2, got {input_dim}; use maf/iaf or an elementwise flow")
-    if mixing not in ("permute", "alternate"):
-        raise ValueError(f"mixing must be 'permute' or 'alternate', got {mixing!r}")
+    if mixing not in ("permute", "lu", "alternate"):
+        raise ValueError(f"mixing must be 'permute', 'lu' or 'alternate', got {mixing!r}")
     layers = []
     for i in range(num_layers):
         if i > 0 and mixing == "permute" and input_dim > 2:
             layers.append(permute(input_dim, seed=i))
+        elif i > 0 and mixing == "lu":
+            layers.append(lu(input_dim, seed=i))
         layers.append(build_coupling(input_dim, kind, bins, bound, hidden, i % 2, None, context_dim))
     if final is not None:
         layers.append(final)

@@ -67,10 +67,6 @@ class MaskedLinear(nn.Linear):
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.clone())
-        # rescale the default init to the number of inputs a unit really sees
-        with torch.no_grad():
-            fan_in = mask.sum(1, keepdim=True).clamp(min=1.0)
-            self.weight.mul_((in_features / fan_in).sqrt())
 
     def forward(self, x):
         return F.linear(x, self.weight * self.mask, self.bias)
