@@ -2,5 +2,6 @@
 
 from .made import MADE, MaskedLinear
 from .mlp import MLP
+from .spectral import LipschitzMLP, LipSwish, SpectralLinear
 
-__all__ = ["MADE", "MLP", "MaskedLinear"]
+__all__ = ["MADE", "MLP", "LipSwish", "LipschitzMLP", "MaskedLinear", "SpectralLinear"]
