@@ -17,6 +17,7 @@ reversed), which costs nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Sequence as _Sequence
 
 from .flow import Flow
 from .nn import MADE
@@ -31,6 +32,14 @@ from .transforms.elementwise import check_input_dim, elementwise
 from .transforms.linear import lu
 from .transforms.permutation import permute
 from .transforms.transformers import Transformer, make_transformer
+from .flow import Flow as _Flow
+from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
+from .transforms.planar import ConditionalRadial as _ConditionalRadial
+from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
+from .transforms.planar import Planar as _Planar
+from .transforms.planar import Radial as _Radial
+from .transforms.planar import Sylvester as _Sylvester
+from .transforms.residual import InvertibleResidual as _InvertibleResidual
 
 __all__ = ["iaf", "maf", "nice", "nsf", "realnvp"]
 
@@ -121,16 +130,6 @@ def iaf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64)
 # ----------------------------------------------------------------------------
 # Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
 # ----------------------------------------------------------------------------
-from collections.abc import Sequence as _Sequence
-
-from .flow import Flow as _Flow
-from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
-from .transforms.planar import ConditionalRadial as _ConditionalRadial
-from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
-from .transforms.planar import Planar as _Planar
-from .transforms.planar import Radial as _Radial
-from .transforms.planar import Sylvester as _Sylvester
-from .transforms.residual import InvertibleResidual as _InvertibleResidual
 
 __all__ += ["iresnet", "planar", "radial", "residual_flow", "sylvester"]
 
