@@ -52,7 +52,11 @@ def test_round_trip_float64(kind, seed):
     y, ld = t.forward(x, p)
     x_back, ld_back = t.inverse(y, p)
     assert (x_back - x).abs().max() <= 1e-6
-    assert (ld_back - ld).abs().max() <= 1e-6
+    # the inverse reports the forward log-derivative at the point it recovered (at a
+    # knot of a map whose slope jumps, x_back may land one ulp into the next bin)
+    assert (ld_back - t.forward(x_back, p)[1]).abs().max() <= 1e-6
+    smooth = (ld_back - ld).abs() <= 1e-6
+    assert smooth.float().mean() > 0.99
     y2 = 2.0 * torch.randn(500, D, generator=g, dtype=torch.float64)
     assert (t.forward(t.inverse(y2, p)[0], p)[0] - y2).abs().max() <= 1e-6
 

@@ -112,7 +112,9 @@ class PiecewiseLinear(Transformer):
 
     The neural-importance-sampling form (Müller et al., "Neural Importance
     Sampling", 2019): unconstrained :math:`\theta \in \mathbb{R}^K` give bin
-    masses :math:`q = \mathrm{softmax}(\theta)`, and on the unit square
+    masses :math:`q = m + (1 - Km)\,\mathrm{softmax}(\theta)` (at least
+    :math:`m` = ``MIN_BIN_SIZE`` each, so no mass underflows to zero and
+    :math:`\log g'` stays finite for any parameters), and on the unit square
 
     .. math::
 
@@ -125,15 +127,15 @@ class PiecewiseLinear(Transformer):
     """
 
     def __init__(self, bins: int = 8, lower: float = 0.0, upper: float = 1.0):
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+        if bins < 1 or bins * MIN_BIN_SIZE >= 1:
+            raise ValueError(f"bins must be in [1, {int(1 / MIN_BIN_SIZE) - 1}], got {bins}")
         if not upper > lower:
             raise ValueError(f"need lower < upper, got [{lower}, {upper}]")
         self.bins, self.lower, self.upper = int(bins), float(lower), float(upper)
         self.num_params = self.bins
 
     def _masses(self, params):
-        q = F.softmax(params, dim=-1)
+        q = _sizes(params)
         cum = F.pad(torch.cumsum(q, dim=-1), (1, 0))
         cum = torch.cat([cum[..., :-1], torch.ones_like(cum[..., -1:])], dim=-1)  # exact end point
         return q, cum
@@ -159,7 +161,11 @@ class PiecewiseLinear(Transformer):
         qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         u = (b + (v - cb) / qb) / K
         x = torch.where(inside, self.lower + width * u, y)
-        ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(y))
+        # the log-det is the forward's at the recovered point: at a knot (where the
+        # slope jumps) take the bin the forward pass assigns to that x
+        b_fwd = torch.clamp((u * K).floor().long(), 0, K - 1)
+        q_fwd = _take(q, b_fwd.unsqueeze(-1)).squeeze(-1)
+        ladj = torch.where(inside, torch.log(K * q_fwd), torch.zeros_like(y))
         return x, ladj
 
     def __repr__(self):
