@@ -33,6 +33,9 @@ def psis_khat(log_weights) -> float:
     import arviz  # imported lazily: it is slow to import
 
     lw = np.asarray(torch.as_tensor(log_weights).detach().cpu().double(), dtype=np.float64)
+    if np.ptp(lw) < 1e-9:
+        # all weights equal (q = p): there is no tail to fit; ArviZ would return inf
+        return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns on k-hat > 0.7; we report it instead
         _, khat = arviz.psislw(lw)

@@ -163,18 +163,19 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
         if target_samples is not None and forward_kl_weight > 0:
             idx = torch.randint(len(target_samples), (min(fwd_n, len(target_samples)),))
             loss = loss - forward_kl_weight * _as_distribution(flow).log_prob(target_samples[idx]).mean()
-        if not torch.isfinite(loss):
-            raise ValueError(f"the loss became {float(loss)} at step {step}: the flow produced non-finite "
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the loss became {value} at step {step}: the flow produced non-finite "
                              f"samples or densities; lower lr or enable clip_grad")
         opt.zero_grad()
         loss.backward()
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_grad)
         opt.step()
-        result.losses.append(float(loss))
+        result.losses.append(value)
         result.betas.append(beta)
         if bar is not None and step % 25 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", beta=f"{beta:.2f}")
+            bar.set_postfix(loss=f"{value:.4f}", beta=f"{beta:.2f}")
     if bar is not None:
         bar.close()
     with torch.no_grad():
