@@ -84,7 +84,7 @@ def _check_log_density(lp, x, step) -> torch.Tensor:
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"log_density returned non-finite values ({int(bad.sum())} of {lp.numel()}) "
-                         f"at step {step}, e.g. {float(lp[i])} at x = {x[i].tolist()}; it must be "
+                         f"at step {step}, e.g. {float(lp[i].detach())} at x = {x[i].detach().tolist()}; it must be "
                          f"finite wherever the flow can put samples (bound the flow's support, or "
                          f"use a large negative value instead of -inf)")
     return lp
