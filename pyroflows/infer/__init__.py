@@ -2,8 +2,8 @@
 reverse-KL distillation of unnormalised densities and teacher -> student flows."""
 
 from .autoguide import AutoFlow
-from .diagnostics import ImportanceDiagnostics, importance_diagnostics, psis_khat
+from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics, psis_khat
 from .distill import DistillResult, distill, distill_flow
 
 __all__ = ["AutoFlow", "DistillResult", "ImportanceDiagnostics", "distill", "distill_flow",
-           "importance_diagnostics", "psis_khat"]
+           "guide_log_weights", "importance_diagnostics", "psis_khat"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous
@@ -40,7 +39,7 @@ from torch.distributions.transforms import ComposeTransform
 
 from ..flow import Flow
 from ..transforms.elementwise import elementwise
-from .diagnostics import ImportanceDiagnostics, importance_diagnostics
+from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics
 
 __all__ = ["AutoFlow"]
 
@@ -192,26 +191,14 @@ class AutoFlow(AutoContinuous):
         return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}
 
     # -- diagnostics ---------------------------------------------------------------
-    @torch.no_grad()
     def log_importance_weights(self, *args, num_samples: int = 4000, max_plate_nesting: int | None = None,
                                chunk_size: int = 1000, **kwargs) -> torch.Tensor:
         r""":math:`\log p(x, \theta_s) - \log q(\theta_s)` for ``num_samples`` guide draws
-        (vectorised over draws, in chunks of ``chunk_size``; the model must broadcast
-        over a leading batch dimension, as for ``Trace_ELBO(vectorize_particles=True)``)."""
-        from pyro.infer.importance import vectorized_importance_weights
-
+        (see :func:`~pyroflows.infer.diagnostics.guide_log_weights`)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        if max_plate_nesting is None:
-            max_plate_nesting = _model_plate_nesting(self._user_model[0], args, kwargs)
-        out, left = [], int(num_samples)
-        while left > 0:
-            n = min(left, chunk_size)
-            lw, _, _ = vectorized_importance_weights(self._user_model[0], self, *args, num_samples=n,
-                                                      max_plate_nesting=max_plate_nesting, **kwargs)
-            out.append(lw.reshape(-1))
-            left -= n
-        return torch.cat(out)
+        return guide_log_weights(self._user_model[0], self, *args, num_samples=num_samples,
+                                 max_plate_nesting=max_plate_nesting, chunk_size=chunk_size, **kwargs)
 
     def diagnostics(self, *args, num_samples: int = 4000, max_plate_nesting: int | None = None,
                     **kwargs) -> ImportanceDiagnostics:
@@ -229,11 +216,3 @@ class AutoFlow(AutoContinuous):
 
         draws = self.sample_posterior(num_samples, *args, **kwargs)
         return arviz.from_dict(posterior={k: v.unsqueeze(0).cpu().numpy() for k, v in draws.items()})
-
-
-def _model_plate_nesting(model, args, kwargs) -> int:
-    """Deepest plate nesting of ``model`` (observed sites included), from one trace."""
-    with torch.no_grad():
-        trace = pyro.poutine.block(pyro.poutine.trace(model).get_trace)(*args, **kwargs)
-    return max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-                for f in site["cond_indep_stack"] if f.vectorized), default=0)

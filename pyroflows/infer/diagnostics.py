@@ -23,9 +23,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyro
 import torch
 
-__all__ = ["ImportanceDiagnostics", "importance_diagnostics", "psis_khat"]
+__all__ = ["ImportanceDiagnostics", "guide_log_weights", "importance_diagnostics", "model_plate_nesting",
+           "psis_khat"]
 
 
 def psis_khat(log_weights) -> float:
@@ -91,3 +93,36 @@ def importance_diagnostics(log_weights: torch.Tensor) -> ImportanceDiagnostics:
     elbo = float(finite.mean()) if finite.numel() == n else -math.inf
     return ImportanceDiagnostics(khat=psis_khat(lw), ess=ess, log_evidence=float(log_z),
                                  log_evidence_se=se, elbo=elbo, num_samples=n)
+
+
+def model_plate_nesting(model, *args, **kwargs) -> int:
+    """Deepest plate nesting of ``model`` (observed sites included), from one trace."""
+    with torch.no_grad():
+        trace = pyro.poutine.block(pyro.poutine.trace(model).get_trace)(*args, **kwargs)
+    return max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
+                for f in site["cond_indep_stack"] if f.vectorized), default=0)
+
+
+@torch.no_grad()
+def guide_log_weights(model, guide, *args, num_samples: int = 4000, max_plate_nesting: int | None = None,
+                      chunk_size: int = 1000, **kwargs) -> torch.Tensor:
+    r"""Log importance weights :math:`\log p(x, \theta_s) - \log q(\theta_s)`,
+    :math:`\theta_s \sim q`, of any Pyro ``guide`` for ``model`` (e.g. every autoguide).
+
+    Vectorised over draws in chunks of ``chunk_size``: the model must broadcast
+    over a leading batch dimension left of its plates, as for
+    ``Trace_ELBO(vectorize_particles=True)``.  ``max_plate_nesting`` is found by
+    tracing the model when not given.
+    """
+    from pyro.infer.importance import vectorized_importance_weights
+
+    if max_plate_nesting is None:
+        max_plate_nesting = model_plate_nesting(model, *args, **kwargs)
+    out, left = [], int(num_samples)
+    while left > 0:
+        n = min(left, int(chunk_size))
+        lw, _, _ = vectorized_importance_weights(model, guide, *args, num_samples=n,
+                                                  max_plate_nesting=max_plate_nesting, **kwargs)
+        out.append(lw.reshape(-1))
+        left -= n
+    return torch.cat(out)

@@ -76,7 +76,7 @@ class DistillResult:
 
 def _check_log_density(lp, x, step) -> torch.Tensor:
     if not isinstance(lp, torch.Tensor):
-        raise ValueError(f"log_density must return a torch.Tensor, got {type(lp).__name__}")
+        raise TypeError(f"log_density must return a torch.Tensor, got {type(lp).__name__}")
     if lp.shape != x.shape[:-1]:
         raise ValueError(f"log_density must map points of shape (N, D) = {tuple(x.shape)} to log "
                          f"densities of shape (N,) = {tuple(x.shape[:-1])}, got {tuple(lp.shape)}")
