@@ -78,7 +78,8 @@ def cases() -> list[Case]:
 
 
 def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.3):
-    """Build the layer of ``case`` in float64 with randomly perturbed parameters.
+    """Build the layer of ``case`` in float64 with randomly perturbed parameters
+    (``perturb * N(0, 1)``, divided by sqrt(fan_in) for the weights of linear layers).
 
     Returns ``None`` when the helper rejects that dimension with ``ValueError``.
     """
@@ -95,9 +96,12 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
     except ValueError:
         return None
     layer = layer.double()
+    # noise on each parameter's natural scale: a network weight's is 1/sqrt(fan_in)
+    fan_in = {id(m.weight): m.weight.shape[1] for m in layer.modules()
+              if isinstance(m, torch.nn.Linear)}
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(perturb * torch.randn_like(p))
+            p.add_(perturb / fan_in.get(id(p), 1) ** 0.5 * torch.randn_like(p))
     layer.eval()  # BatchNorm-style layers are exact bijections in eval mode
     return layer
 

@@ -12,7 +12,7 @@ import importlib as _importlib
 
 from .base import Bijector, ConditionalBijector, ConditionedBijector
 
-_FAMILIES = ["elementwise"]
+_FAMILIES = ["elementwise", "linear", "normalization"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:

@@ -189,8 +189,8 @@ class Bijector(_CachedPasses, TransformModule):
     def __hash__(self):
         return object.__hash__(self)
 
-    def extra_repr(self):
-        return getattr(self, "_repr", "")
+    # Transform.__repr__ comes first in the MRO; nn.Module's shows the submodules and extra_repr
+    __repr__ = torch.nn.Module.__repr__
 
 
 class ConditionalBijector(ConditionalTransformModule):
@@ -214,6 +214,8 @@ class ConditionalBijector(ConditionalTransformModule):
 
     def inverse(self, y, context):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    __repr__ = torch.nn.Module.__repr__
 
     def condition(self, context):
         context_dim = getattr(self, "context_dim", None)

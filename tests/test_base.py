@@ -1,0 +1,157 @@
+"""The base class's two promises: a pass's log-det is reused, and the cache is never stale."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyroflows import Flow
+from pyroflows.transforms.base import Bijector, ConditionalBijector
+
+
+class CountingAffine(Bijector):
+    """y = exp(s) * x + b, counting how often each direction runs."""
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.event_shape = (dim,)
+        self.s = nn.Parameter(0.1 * torch.randn(dim))
+        self.b = nn.Parameter(0.1 * torch.randn(dim))
+        self.calls = {"forward": 0, "inverse": 0}
+
+    def forward(self, x):
+        self.calls["forward"] += 1
+        return x * self.s.exp() + self.b, self.s.sum().expand(x.shape[:-1])
+
+    def inverse(self, y):
+        self.calls["inverse"] += 1
+        return (y - self.b) * (-self.s).exp(), self.s.sum().expand(y.shape[:-1])
+
+
+class CountingConditionalShift(ConditionalBijector):
+    def __init__(self, dim=3, context_dim=2):
+        super().__init__()
+        self.event_shape, self.context_dim = (dim,), context_dim
+        self.net = nn.Linear(context_dim, dim)
+        self.calls = 0
+
+    def forward(self, x, context):
+        self.calls += 1
+        return x + self.net(context), x.new_zeros(torch.broadcast_shapes(x.shape[:-1], context.shape[:-1]))
+
+    def inverse(self, y, context):
+        self.calls += 1
+        return y - self.net(context), y.new_zeros(torch.broadcast_shapes(y.shape[:-1], context.shape[:-1]))
+
+
+def _reference_log_prob(layer, x):
+    """log p(x) computed by hand, without any cache."""
+    with torch.no_grad():
+        z = (x - layer.b) * (-layer.s).exp()
+        return dist.Normal(0.0, 1.0).log_prob(z).sum(-1) - layer.s.sum()
+
+
+def test_log_prob_of_own_sample_runs_no_second_pass():
+    layer = CountingAffine()
+    flow = Flow([layer])
+    d = flow()
+    y = d.rsample((5,))
+    lp = d.log_prob(y)
+    assert layer.calls == {"forward": 1, "inverse": 0}
+    assert torch.allclose(lp, _reference_log_prob(layer, y), atol=1e-5)
+
+
+def test_conditional_log_prob_of_own_sample_runs_no_second_pass():
+    layer = CountingConditionalShift()
+    flow = Flow([layer])
+    c = torch.randn(4, 2)
+    d = flow(c)
+    y = d.rsample()
+    d.log_prob(y)
+    assert layer.calls == 1
+
+
+def test_plain_training_loop_on_the_same_tensor_needs_no_clear_cache():
+    torch.manual_seed(0)
+    layer = CountingAffine()
+    flow = Flow([layer])
+    x = torch.randn(64, 3) * 2 + 1
+    opt = torch.optim.SGD(flow.parameters(), lr=0.1)
+    losses = []
+    for _ in range(5):
+        loss = -flow.log_prob(x).mean()
+        # the value reflects the current parameters, not a stale cached pass
+        assert torch.allclose(-loss.detach(), _reference_log_prob(layer, x).mean(), atol=1e-5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert layer.calls["inverse"] == 5
+
+
+def test_scoring_under_no_grad_then_with_grad_gives_gradients():
+    layer = CountingAffine()
+    flow = Flow([layer])
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        flow.log_prob(x)
+    loss = -flow.log_prob(x).sum()
+    loss.backward()
+    assert layer.s.grad is not None and torch.isfinite(layer.s.grad).all()
+
+
+def test_scoring_twice_without_a_step_can_backward_twice():
+    layer = CountingAffine()
+    flow = Flow([layer])
+    x = torch.randn(8, 3)
+    for _ in range(2):
+        (-flow.log_prob(x).sum()).backward()
+    assert layer.calls["inverse"] == 2
+
+
+def test_forward_on_the_same_tensor_after_backward_recomputes():
+    layer = CountingAffine()
+    z = torch.randn(8, 3)
+    (layer(z) ** 2).sum().backward()
+    # the cached graph was consumed by backward: the second call must not hand it out
+    (layer(z) ** 2).sum().backward()
+    assert layer.calls["forward"] == 2
+
+
+def test_forward_cache_hit_when_nothing_changed():
+    layer = CountingAffine()
+    z = torch.randn(8, 3)
+    with torch.no_grad():
+        y1 = layer(z)
+        y2 = layer(z)
+    assert y1 is y2 and layer.calls["forward"] == 1
+
+
+def test_load_state_dict_invalidates_the_cache():
+    layer = CountingAffine()
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        layer.inv(x)
+        state = {k: v + 1.0 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        layer.inv(x)
+    assert layer.calls["inverse"] == 2
+
+
+def test_cache_size_zero_disables_caching():
+    layer = CountingAffine()
+    layer.with_cache(0)
+    flow = Flow([layer])
+    d = flow()
+    d.log_prob(d.rsample())
+    # uncached: log_prob inverts, then re-runs forward for the log-det
+    assert layer.calls == {"forward": 2, "inverse": 1}
+
+
+def test_conditional_context_shape_is_checked():
+    layer = CountingConditionalShift(context_dim=2)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
+        layer.condition(torch.randn(4, 3))
