@@ -46,8 +46,9 @@ def noncentred(y=Y, sigma=SIGMA):
 
 def reference(num_warmup=1000, num_samples=4000, seed=0):
     """NUTS draws of (mu, tau, theta) from the non-centred model, and its table row."""
-    from pyro.infer import MCMC, NUTS
     import time
+
+    from pyro.infer import MCMC, NUTS
 
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
@@ -59,11 +60,12 @@ def reference(num_warmup=1000, num_samples=4000, seed=0):
     return flatten_draws(samples, NAMES), seconds
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0, methods=None):
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0,
+            methods=None, all_pyro=False):
     ref, ref_seconds = reference(*nuts, seed=seed)
     ref_mean, ref_sd = ref.mean(0), ref.std(0)
     rows = []
-    for name, make in standard_guides(model, flow).items():
+    for name, make in standard_guides(model, flow, all_pyro=all_pyro).items():
         if methods and name not in methods:
             continue
         pyro.set_rng_seed(seed)

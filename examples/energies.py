@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--out", default="energies.png", help="where to write the plot")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kw = dict(num_steps=600, anneal_steps=300, lr=5e-3) if args.quick else {}
+    kw = {"num_steps": 600, "anneal_steps": 300, "lr": 5e-3} if args.quick else {}
     plot(run(**kw), args.out)
 
 

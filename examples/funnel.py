@@ -38,11 +38,11 @@ def exact_moments(dim: int = 10):
 
 
 def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 1000), flow=None, seed=0,
-            methods=None):
+            methods=None, all_pyro=False):
     """Fit every method; return the table rows."""
     ref_mean, ref_sd = exact_moments(dim)
     rows = []
-    for name, make in standard_guides(model, flow).items():
+    for name, make in standard_guides(model, flow, all_pyro=all_pyro).items():
         if methods and name not in methods:
             continue
         pyro.set_rng_seed(seed)

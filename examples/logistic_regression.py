@@ -40,14 +40,15 @@ def model(x, y=None):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0, methods=None):
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0,
+            methods=None, all_pyro=False):
     x, y = load_data()
     ref, nuts_row = run_nuts(model, x, y, names=NAMES, num_warmup=nuts[0], num_samples=nuts[1], seed=seed)
     ref_mean, ref_sd = ref.mean(0), ref.std(0)
     nuts_row.method, nuts_row.note = "NUTS (reference)", nuts_row.note
     print(nuts_row, flush=True)
     rows = []
-    for name, make in standard_guides(model, flow).items():
+    for name, make in standard_guides(model, flow, all_pyro=all_pyro).items():
         if methods and name not in methods:
             continue
         pyro.set_rng_seed(seed)

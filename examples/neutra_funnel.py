@@ -19,10 +19,10 @@ import time
 import arviz
 import pyro
 import torch
+from funnel import model
 from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 
-from funnel import model
 from pyroflows.infer import AutoFlow
 from pyroflows.infer.compare import default_flow, fit_guide
 
@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=10)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kw = dict(svi_steps=500, warmup=150, samples=300) if args.quick else {}
+    kw = {"svi_steps": 500, "warmup": 150, "samples": 300} if args.quick else {}
     rows = run(args.dim, **kw)
     print(table(rows, args.dim))
 

@@ -95,9 +95,16 @@ def moment_errors(draws: torch.Tensor, ref_mean: torch.Tensor, ref_sd: torch.Ten
 
 def run_guide(name: str, model, guide, *args, names, ref_mean, ref_sd, num_steps: int, lr: float,
               num_samples: int = 4000, num_particles: int = 1, **kwargs) -> Row:
-    """Fit ``guide``, then score it (k-hat, ESS, moment errors, fit wall time)."""
+    """Fit ``guide``, then score it (k-hat, ESS, moment errors, fit wall time).
+
+    An ``AutoLaplaceApproximation`` is fitted (MAP) and then replaced by its
+    Laplace approximation before scoring."""
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
     t0 = time.perf_counter()
     fit_guide(model, guide, *args, num_steps=num_steps, lr=lr, num_particles=num_particles, **kwargs)
+    if isinstance(guide, AutoLaplaceApproximation):
+        guide = guide.laplace_approximation(*args, **kwargs)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         draws = Predictive(guide, num_samples=num_samples, parallel=True)(*args, **kwargs)
@@ -139,17 +146,27 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def standard_guides(model, flow=None, **flow_kw) -> dict[str, Callable]:
-    """Factories of the guides compared in the examples: Pyro's AutoNormal,
-    AutoMultivariateNormal, AutoIAFNormal, and AutoFlow."""
-    from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> dict[str, Callable]:
+    """Factories of the compared guides: Pyro's AutoNormal, AutoMultivariateNormal,
+    AutoIAFNormal, and AutoFlow; with ``all_pyro=True`` every Pyro autoguide that has a
+    density over all latent sites (adds AutoDiagonalNormal, AutoLowRankMultivariateNormal,
+    AutoBNAFNormal, AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat)."""
+    from pyro.infer import autoguide as ag
 
     from .autoguide import AutoFlow
 
     flow = default_flow() if flow is None else flow
-    return {
-        "AutoNormal": lambda: AutoNormal(model),
-        "AutoMultivariateNormal": lambda: AutoMultivariateNormal(model),
-        "AutoIAFNormal": lambda: AutoIAFNormal(model),
-        "AutoFlow": lambda: AutoFlow(model, flow, **flow_kw),
+    guides = {
+        "AutoNormal": lambda: ag.AutoNormal(model),
+        "AutoMultivariateNormal": lambda: ag.AutoMultivariateNormal(model),
+        "AutoIAFNormal": lambda: ag.AutoIAFNormal(model),
     }
+    if all_pyro:
+        guides.update({
+            "AutoDiagonalNormal": lambda: ag.AutoDiagonalNormal(model),
+            "AutoLowRankMultivariateNormal": lambda: ag.AutoLowRankMultivariateNormal(model),
+            "AutoBNAFNormal": lambda: ag.AutoBNAFNormal(model),
+            "AutoLaplaceApproximation": lambda: ag.AutoLaplaceApproximation(model),
+        })
+    guides["AutoFlow"] = lambda: AutoFlow(model, flow, **flow_kw)
+    return guides
