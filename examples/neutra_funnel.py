@@ -43,12 +43,14 @@ def run(dim=10, svi_steps=3000, warmup=500, samples=1000, seed=0):
     secs = time.perf_counter() - t0
     draws = torch.cat([s["v"][:, None], s["x"]], -1)
     rows.append(("NUTS", ess_min(draws), secs, draws[:, 0]))
+    print(f"plain NUTS done in {secs:.0f}s", flush=True)
 
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
     guide = AutoFlow(model, default_flow())
     fit_guide(model, guide, dim, num_steps=svi_steps, lr=1e-2)
     fit_secs = time.perf_counter() - t0
+    print(f"AutoFlow fitted in {fit_secs:.0f}s: {guide.diagnostics(dim, num_samples=1000)}", flush=True)
     neutra = NeuTraReparam(guide.requires_grad_(False))
     mcmc = MCMC(NUTS(neutra.reparam(model)), num_samples=samples, warmup_steps=warmup, disable_progbar=True)
     mcmc.run(dim)
