@@ -31,7 +31,7 @@ from pyroflows.infer.compare import default_flow, markdown_table
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--problems", nargs="*", default=["funnel", "eight_schools", "logistic_regression"])
@@ -45,7 +45,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for problem in args.problems:
         if problem == "funnel":
-            rows = funnel.compare(10, nuts=(500, 1000), **common)
+            rows = funnel.compare(10, nuts=(300, 1000), **common)
             title = "10-D funnel (errors of v's mean and sd vs the exact 0 and 3)"
         elif problem == "eight_schools":
             rows = eight_schools.compare(nuts=(1000, 4000), **common)

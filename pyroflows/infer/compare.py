@@ -114,19 +114,20 @@ def run_guide(name: str, model, guide, *args, names, ref_mean, ref_sd, num_steps
 
 
 def run_nuts(model, *args, names, num_warmup: int, num_samples: int, ref_mean=None, ref_sd=None,
-             seed: int = 0, **kwargs):
+             seed: int = 0, max_tree_depth: int = 10, **kwargs):
     """NUTS draws of ``names`` as ``(N, total)``, and a :class:`Row` (ESS column: the smallest
     bulk ESS over coordinates as a fraction of the draws; errors only when a reference is given)."""
     import arviz
 
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
-    mcmc = MCMC(NUTS(model), num_samples=num_samples, warmup_steps=num_warmup, disable_progbar=True)
+    mcmc = MCMC(NUTS(model, max_tree_depth=max_tree_depth), num_samples=num_samples, warmup_steps=num_warmup,
+                disable_progbar=True)
     mcmc.run(*args, **kwargs)
     seconds = time.perf_counter() - t0
     draws = flatten_draws(mcmc.get_samples(), names)
     ess = arviz.ess({"x": draws.unsqueeze(0).numpy()})["x"].values.min() / num_samples
-    row = Row("NUTS", ess=float(ess), seconds=seconds, note=f"{num_warmup}+{num_samples} draws")
+    row = Row("NUTS", ess=float(ess), seconds=seconds, note=f"{num_warmup}+{num_samples} draws, tree depth <= {max_tree_depth}")
     if ref_mean is not None:
         row.mean_err, row.sd_err = moment_errors(draws, ref_mean, ref_sd)
     return draws, row
