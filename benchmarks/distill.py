@@ -126,11 +126,13 @@ def time_sampling(flow, n=5000, repeats=3):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=1500, help="distill steps per 2-D target (annealing: half)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_distill.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     q = args.quick
-    steps, anneal = (300, 150) if q else (3000, 1500)
+    steps = 300 if q else args.steps
+    anneal = steps // 2
     spec = default_flow()
     flow_name = spec if isinstance(spec, str) else f"stand-in `{spec.__name__}` (pyroflows.flows.nsf not merged yet)"
     t_start = time.perf_counter()
@@ -172,7 +174,7 @@ def main(argv=None):
     data = digits_data()
     dim = data.shape[1]
     teacher, student = make_maf(dim), make_iaf(dim)
-    mle_steps, kd_steps = (200, 200) if q else (3000, 3000)
+    mle_steps, kd_steps = (200, 200) if q else (2000, steps)
     t0 = time.perf_counter()
     nll = fit_mle(teacher, data, mle_steps)
     fit_secs = time.perf_counter() - t0
