@@ -86,13 +86,13 @@ def box_flow(flow=None, dim=2, box=BOX) -> Flow:
 
 
 def run(names=tuple(ENERGIES), num_steps=3000, num_samples=256, lr=3e-3, anneal_steps=1500, seed=0,
-        progress=True):
+        progress=True, flow=None):
     """Distil each energy; returns {name: (flow, DistillResult, exact log Z, seconds)}."""
-    out = {}
+    out, flow_spec = {}, flow
     for name in names:
         torch.manual_seed(seed)
         energy = ENERGIES[name]
-        flow = box_flow()
+        flow = box_flow(flow_spec)
         t0 = time.perf_counter()
         res = distill(flow, lambda z, e=energy: -e(z), num_steps=num_steps, num_samples=num_samples, lr=lr,
                       anneal_steps=anneal_steps, progress=progress)
@@ -114,7 +114,7 @@ def plot(results, path):
     zz = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1)
     for row, (name, (flow, res, exact, _)) in zip(axes, results.items()):
         density = torch.exp(-ENERGIES[name](zz))
-        row[0].imshow(density, extent=(-BOX, BOX, -BOX, BOX), origin="lower", cmap="viridis")
+        row[0].imshow(density.numpy(), extent=(-BOX, BOX, -BOX, BOX), origin="lower", cmap="viridis")
         row[0].set_title(f"{name}: exp(-U), log Z = {exact:.3f}", fontsize=9)
         x = flow.sample((20000,))
         row[1].hist2d(x[:, 0].numpy(), x[:, 1].numpy(), bins=150, range=[[-BOX, BOX], [-BOX, BOX]], cmap="viridis")
