@@ -151,7 +151,7 @@ def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> d
     """Factories of the compared guides: Pyro's AutoNormal, AutoMultivariateNormal,
     AutoIAFNormal, and AutoFlow; with ``all_pyro=True`` every Pyro autoguide that has a
     density over all latent sites (adds AutoDiagonalNormal, AutoLowRankMultivariateNormal,
-    AutoBNAFNormal, AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat)."""
+    AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat)."""
     from pyro.infer import autoguide as ag
 
     from .autoguide import AutoFlow
@@ -166,7 +166,6 @@ def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> d
         guides.update({
             "AutoDiagonalNormal": lambda: ag.AutoDiagonalNormal(model),
             "AutoLowRankMultivariateNormal": lambda: ag.AutoLowRankMultivariateNormal(model),
-            "AutoBNAFNormal": lambda: ag.AutoBNAFNormal(model),
             "AutoLaplaceApproximation": lambda: ag.AutoLaplaceApproximation(model),
         })
     guides["AutoFlow"] = lambda: AutoFlow(model, flow, **flow_kw)
