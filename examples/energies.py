@@ -81,7 +81,10 @@ def box_flow(flow=None, dim=2, box=BOX) -> Flow:
         layers = list(getattr(flows, flow)(dim)().transforms)
     else:
         layers = list(flow(dim))
-    layers += [sigmoid(dim), AffineTransform(torch.full((dim,), -box), torch.full((dim,), 2 * box), event_dim=1)]
+    # cache_size=1: scoring the flow's own samples then reuses the forward pass instead of
+    # inverting a saturated sigmoid (which loses all precision near the box edges in float32)
+    layers += [sigmoid(dim), AffineTransform(torch.full((dim,), -box), torch.full((dim,), 2 * box), event_dim=1,
+                                             cache_size=1)]
     return Flow(layers, event_shape=(dim,))
 
 
