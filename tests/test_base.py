@@ -155,3 +155,15 @@ def test_conditional_context_shape_is_checked():
     layer = CountingConditionalShift(context_dim=2)
     with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
         layer.condition(torch.randn(4, 3))
+
+
+def test_cache_follows_dtype_changes():
+    layer = CountingAffine()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        layer(x)
+        layer.double()
+        xd = x.double()
+        y = layer(xd)
+    assert y.dtype == torch.float64 and layer.calls["forward"] == 2
+    assert all(t.dtype == torch.float64 for t in layer._cache_dependencies())
