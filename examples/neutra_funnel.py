@@ -7,7 +7,7 @@ for both the neck and the mouth of the funnel.  Reported: effective samples
 per second (smallest bulk ESS over coordinates; the neck v is the hard one)
 of plain NUTS and of NeuTra-NUTS (whose time includes the SVI fit), and the
 error of v's mean and sd (exact: 0 and 3).  Both samplers get the same
-maximum tree depth (8; 6 with --quick), which bounds plain NUTS's cost in the neck.
+maximum tree depth (8; 5 with --quick), which bounds plain NUTS's cost in the neck.
 
     python examples/neutra_funnel.py --quick      # about a minute on 2 cores
 """
@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=10)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kw = {"svi_steps": 500, "warmup": 100, "samples": 200, "max_tree_depth": 6} if args.quick else {}
+    kw = {"svi_steps": 500, "warmup": 50, "samples": 100, "max_tree_depth": 5} if args.quick else {}
     rows = run(args.dim, **kw)
     print(table(rows, args.dim))
 
