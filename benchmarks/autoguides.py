@@ -29,18 +29,28 @@ import logistic_regression
 from pyroflows.infer.compare import default_flow, markdown_table
 
 
+def affine_ar(dim):
+    """Two affine autoregressive layers (Pyro's), reversed in between: scales exp(s(h_<d))."""
+    from pyro.distributions.transforms import Permute, affine_autoregressive
+
+    return [affine_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim]), Permute(torch.arange(dim - 1, -1, -1)),
+            affine_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim])]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--problems", nargs="*", default=["funnel", "eight_schools", "logistic_regression"])
+    p.add_argument("--flow", choices=["default", "affine-ar"], default="default",
+                   help="AutoFlow's flow: the default (nsf, or its stand-in) or two affine AR layers")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_autoguides.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    flow = default_flow()
+    flow = default_flow() if args.flow == "default" else affine_ar
     flow_name = flow if isinstance(flow, str) else f"stand-in `{flow.__name__}` (pyroflows.flows.nsf not merged yet)"
-    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True}
+    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True, "flow": flow}
     sections = []
     t0 = time.perf_counter()
     for problem in args.problems:
