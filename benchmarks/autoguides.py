@@ -45,12 +45,14 @@ def main(argv=None):
     p.add_argument("--problems", nargs="*", default=["funnel", "eight_schools", "logistic_regression"])
     p.add_argument("--flow", choices=["default", "affine-ar"], default="default",
                    help="AutoFlow's flow: the default (nsf, or its stand-in) or two affine AR layers")
+    p.add_argument("--methods", nargs="*", default=None, help="only these guides (e.g. AutoFlow)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_autoguides.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     flow = default_flow() if args.flow == "default" else affine_ar
     flow_name = flow if isinstance(flow, str) else f"stand-in `{flow.__name__}` (pyroflows.flows.nsf not merged yet)"
-    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True, "flow": flow}
+    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True, "flow": flow,
+              "methods": args.methods}
     sections = []
     t0 = time.perf_counter()
     for problem in args.problems:
