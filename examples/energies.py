@@ -134,9 +134,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets (a couple of minutes)")
     p.add_argument("--out", default="energies.png", help="where to write the plot")
+    p.add_argument("--steps", type=int, default=3000, help="distill steps per energy (annealing over half)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    kw = {"num_steps": 600, "anneal_steps": 300, "lr": 5e-3} if args.quick else {}
+    kw = {"num_steps": 600, "anneal_steps": 300, "lr": 5e-3} if args.quick else {
+        "num_steps": args.steps, "anneal_steps": args.steps // 2}
     plot(run(**kw), args.out)
 
 
