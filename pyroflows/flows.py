@@ -1,18 +1,37 @@
 """Named flow architectures: each a function ``name(input_dim, **kw) -> Flow``.
 
-``context_dim=`` makes an architecture conditional where that makes sense.
+``context_dim=`` makes an architecture conditional where that makes sense
+(the flow is then called as ``flow(context)``).
+
+Coupling architectures alternate which half is transformed (free) and put a
+fixed random permutation between consecutive layers when ``input_dim > 2``
+(``mixing="permute"``, free) so every pair of dimensions eventually
+interacts; ``mixing="lu"`` puts a learned LU linear layer there instead (Glow's
+generalised permutation, Kingma & Dhariwal 2018; one D x D matmul, and a
+triangular solve when sampling); ``mixing="alternate"`` uses the alternating
+halves alone (fastest).
+Autoregressive architectures alternate the MADE ordering (natural,
+reversed), which costs nothing.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
-
-
-# ----------------------------------------------------------------------------
-# Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
-# ----------------------------------------------------------------------------
+from collections.abc import Sequence
 from collections.abc import Sequence as _Sequence
 
+from .flow import Flow
+from .nn import MADE
+from .transforms.autoregressive import (
+    ConditionalInverseAutoregressive,
+    ConditionalMaskedAutoregressive,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+)
+from .transforms.coupling import DEFAULT_SPLINE, build_coupling
+from .transforms.elementwise import check_input_dim, elementwise
+from .transforms.linear import lu
+from .transforms.permutation import permute
+from .transforms.transformers import Transformer, make_transformer
 from .flow import Flow as _Flow
 from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
 from .transforms.planar import ConditionalRadial as _ConditionalRadial
@@ -21,6 +40,96 @@ from .transforms.planar import Planar as _Planar
 from .transforms.planar import Radial as _Radial
 from .transforms.planar import Sylvester as _Sylvester
 from .transforms.residual import InvertibleResidual as _InvertibleResidual
+
+__all__ = ["iaf", "maf", "nice", "nsf", "realnvp"]
+
+
+def _check(input_dim, num_layers):
+    check_input_dim(input_dim)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+
+
+def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing, final=None):
+    _check(input_dim, num_layers)
+    if input_dim < 2:
+        raise ValueError(f"coupling flows need input_dim >= 2, got {input_dim}; use maf/iaf or an elementwise flow")
+    if mixing not in ("permute", "lu", "alternate"):
+        raise ValueError(f"mixing must be 'permute', 'lu' or 'alternate', got {mixing!r}")
+    layers = []
+    for i in range(num_layers):
+        if i > 0 and mixing == "permute" and input_dim > 2:
+            layers.append(permute(input_dim, seed=i))
+        elif i > 0 and mixing == "lu":
+            layers.append(lu(input_dim, seed=i))
+        layers.append(build_coupling(input_dim, kind, bins, bound, hidden, i % 2, None, context_dim))
+    if final is not None:
+        layers.append(final)
+    return Flow(layers)
+
+
+def nice(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
+         context_dim: int | None = None, mixing: str = "permute") -> Flow:
+    """NICE (Dinh et al., 2015): additive (volume-preserving) couplings followed by a
+    learned diagonal scaling; both directions one pass per layer."""
+    return _coupling_flow(input_dim, "additive", num_layers, hidden, context_dim, 8, 5.0, mixing,
+                          final=elementwise(input_dim, "affine"))
+
+
+def realnvp(input_dim: int, *, num_layers: int = 6, hidden: Sequence[int] = (64, 64),
+            context_dim: int | None = None, mixing: str = "permute") -> Flow:
+    """RealNVP (Dinh et al., 2017): affine couplings (softly clamped log-scales);
+    both directions one pass per layer."""
+    return _coupling_flow(input_dim, "affine", num_layers, hidden, context_dim, 8, 5.0, mixing)
+
+
+def nsf(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, bins: int = 8, bound: float = 5.0,
+        kind: str | Transformer = DEFAULT_SPLINE, autoregressive: bool = False,
+        mixing: str = "permute") -> Flow:
+    """Neural spline flow (Durkan et al., 2019): spline couplings (both directions one
+    pass per layer), or with ``autoregressive=True`` MAF layers with spline
+    transformers (one-pass density, sequential sampling).  1-D inputs use the
+    autoregressive form (a coupling cannot split one dimension)."""
+    if autoregressive or input_dim == 1:
+        return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
+                                    num_layers, hidden, context_dim, bins, bound)
+    return _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing)
+
+
+def _autoregressive_flow(cls, conditional_cls, input_dim, kind, num_layers, hidden, context_dim, bins, bound):
+    _check(input_dim, num_layers)
+    layers = []
+    for i in range(num_layers):
+        transformer = make_transformer(kind, bins, bound)
+        made = MADE(input_dim, transformer.num_params, hidden, context_dim=context_dim,
+                    order="natural" if i % 2 == 0 else "reverse")
+        layers.append(cls(transformer, made) if context_dim is None else conditional_cls(transformer, made))
+    return Flow(layers)
+
+
+def maf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+        bound: float = 5.0) -> Flow:
+    """Masked autoregressive flow (Papamakarios et al., 2017): ``log_prob`` is one MADE
+    pass per layer, sampling is sequential (``input_dim`` passes per layer)."""
+    return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
+                                num_layers, hidden, context_dim, bins, bound)
+
+
+def iaf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+        bound: float = 5.0) -> Flow:
+    """Inverse autoregressive flow (Kingma et al., 2016): sampling (and ``log_prob`` of
+    its own samples) is one MADE pass per layer; scoring new data is sequential.
+    The natural choice for variational posteriors (SVI guides)."""
+    return _autoregressive_flow(InverseAutoregressive, ConditionalInverseAutoregressive, input_dim, kind,
+                                num_layers, hidden, context_dim, bins, bound)
+
+
+# ----------------------------------------------------------------------------
+# Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
+# ----------------------------------------------------------------------------
 
 __all__ += ["iresnet", "planar", "radial", "residual_flow", "sylvester"]
 

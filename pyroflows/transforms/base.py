@@ -131,6 +131,13 @@ class _CachedPasses:
             return entry.ladj
         return self._forward_pass(x)[1]
 
+    def __getstate__(self):
+        # a cached pass holds tensors of a live autograd graph: never copy or pickle it
+        state = super().__getstate__()
+        state.pop("_pass", None)
+        state.pop("_deps", None)
+        return state
+
     def clear_cache(self):
         """Forget the cached pass (never needed for correctness)."""
         self._pass = None

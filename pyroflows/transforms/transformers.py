@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Transformer", "Affine", "Additive", "PiecewiseLinear", "KINDS", "make_transformer"]
+__all__ = ["KINDS", "Additive", "Affine", "PiecewiseLinear", "Transformer", "make_transformer"]
 
 
 class Transformer:
