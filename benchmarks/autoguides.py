@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import eight_schools
-import funnel
-import logistic_regression
+import eight_schools  # noqa: E402
+import funnel  # noqa: E402
+import logistic_regression  # noqa: E402
 
-from pyroflows.infer.compare import default_flow, markdown_table
+from pyroflows.infer.compare import default_flow, markdown_table  # noqa: E402
 
 
 def affine_ar(dim):

@@ -28,11 +28,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import energies
+import energies  # noqa: E402
 
-from pyroflows import Flow, flows
-from pyroflows.infer import distill, distill_flow
-from pyroflows.infer.compare import default_flow
+from pyroflows import Flow, flows  # noqa: E402
+from pyroflows.infer import distill, distill_flow  # noqa: E402
+from pyroflows.infer.compare import default_flow  # noqa: E402
 
 # -- 8-component mixture --------------------------------------------------------------------
 RADIUS, SD, LOG_C = 4.0, 0.5, 2.0
