@@ -104,7 +104,10 @@ def run_guide(name: str, model, guide, *args, names, ref_mean, ref_sd, num_steps
     t0 = time.perf_counter()
     fit_guide(model, guide, *args, num_steps=num_steps, lr=lr, num_particles=num_particles, **kwargs)
     if isinstance(guide, AutoLaplaceApproximation):
-        guide = guide.laplace_approximation(*args, **kwargs)
+        try:
+            guide = guide.laplace_approximation(*args, **kwargs)
+        except (RuntimeError, ValueError) as e:  # no proper mode (e.g. a funnel): the Hessian is not PD
+            return Row(name, seconds=time.perf_counter() - t0, note=f"failed: {str(e)[:60]}")
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         draws = Predictive(guide, num_samples=num_samples, parallel=True)(*args, **kwargs)
