@@ -145,7 +145,7 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
     lines += ["| method | k-hat | ESS | mean err (sd units) | sd rel. err | wall s | note |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.method} | {f(r.khat, '.2f')} | {f(100 * r.ess, '.1f')}% | {f(r.mean_err, '.3f')} "
+        lines.append(f"| {r.method} | {f(r.khat, '.2f')} | {f(100 * r.ess, '.1f')}{'' if math.isnan(r.ess) else '%'} | {f(r.mean_err, '.3f')} "
                      f"| {f(r.sd_err, '.3f')} | {f(r.seconds, '.1f')} | {r.note} |")
     return "\n".join(lines) + "\n"
 
