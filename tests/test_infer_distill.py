@@ -86,3 +86,14 @@ def test_importance_diagnostics_known_weights():
     assert d.ess == pytest.approx(0.01, rel=1e-6)
     with pytest.raises(ValueError, match="NaN"):
         importance_diagnostics(torch.tensor([0.0, float("nan")]))
+
+
+def test_comparison_table_marks_missing_numbers():
+    from pyroflows.infer.compare import Row, markdown_table, moment_errors
+
+    table = markdown_table([Row("A", 0.31, 0.5, 0.1, 0.2, 1.0), Row("B", note="failed")], "t")
+    assert "| A | 0.31 | 50.0% | 0.100 | 0.200 | 1.0 |  |" in table
+    assert "| B | - | - | - | - | - | failed |" in table
+    draws = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # means (1, 2), sds (1.414, 1.414)
+    mean_err, sd_err = moment_errors(draws, torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
+    assert mean_err == pytest.approx(0.5) and sd_err == pytest.approx(1 - 2**0.5 / 2, rel=1e-5)
