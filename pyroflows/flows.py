@@ -1,19 +1,31 @@
 """Named flow architectures: each a function ``name(input_dim, **kw) -> Flow``.
 
-``context_dim=`` makes an architecture conditional where that makes sense.
+``context_dim=`` makes an architecture conditional where that makes sense
+(the flow is then called as ``flow(context)``).
+
+Coupling architectures alternate which half is transformed (free) and put a
+fixed random permutation between consecutive layers when ``input_dim > 2``
+(``mixing="permute"``) so every pair of dimensions eventually interacts;
+``mixing="alternate"`` uses the alternating halves alone (fastest).
+Autoregressive architectures alternate the MADE ordering (natural,
+reversed), which costs nothing.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from collections.abc import Sequence
 
-
-# ----------------------------------------------------------------------------
-# Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
-# ----------------------------------------------------------------------------
-from collections.abc import Sequence as _Sequence
-
-from .flow import Flow as _Flow
+from .flow import Flow
+from .nn import MADE
+from .transforms.autoregressive import (
+    ConditionalInverseAutoregressive,
+    ConditionalMaskedAutoregressive,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+)
+from .transforms.coupling import DEFAULT_SPLINE, build_coupling
+from .transforms.elementwise import check_input_dim, elementwise
+from .transforms.permutation import permute
 from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
 from .transforms.planar import ConditionalRadial as _ConditionalRadial
 from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
@@ -21,8 +33,95 @@ from .transforms.planar import Planar as _Planar
 from .transforms.planar import Radial as _Radial
 from .transforms.planar import Sylvester as _Sylvester
 from .transforms.residual import InvertibleResidual as _InvertibleResidual
+from .transforms.transformers import Transformer, make_transformer
 
-__all__ += ["iresnet", "planar", "radial", "residual_flow", "sylvester"]
+__all__ = ["iaf", "iresnet", "maf", "nice", "nsf", "planar", "radial", "realnvp", "residual_flow", "sylvester"]
+
+
+def _check(input_dim, num_layers):
+    check_input_dim(input_dim)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+
+
+def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing, final=None):
+    _check(input_dim, num_layers)
+    if input_dim < 2:
+        raise ValueError(f"coupling flows need input_dim >= 2, got {input_dim}; use maf/iaf or an elementwise flow")
+    if mixing not in ("permute", "alternate"):
+        raise ValueError(f"mixing must be 'permute' or 'alternate', got {mixing!r}")
+    layers = []
+    for i in range(num_layers):
+        if i > 0 and mixing == "permute" and input_dim > 2:
+            layers.append(permute(input_dim, seed=i))
+        layers.append(build_coupling(input_dim, kind, bins, bound, hidden, i % 2, None, context_dim))
+    if final is not None:
+        layers.append(final)
+    return Flow(layers)
+
+
+def nice(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
+         context_dim: int | None = None, mixing: str = "permute") -> Flow:
+    """NICE (Dinh et al., 2015): additive (volume-preserving) couplings followed by a
+    learned diagonal scaling; both directions one pass per layer."""
+    return _coupling_flow(input_dim, "additive", num_layers, hidden, context_dim, 8, 5.0, mixing,
+                          final=elementwise(input_dim, "affine"))
+
+
+def realnvp(input_dim: int, *, num_layers: int = 6, hidden: Sequence[int] = (64, 64),
+            context_dim: int | None = None, mixing: str = "permute") -> Flow:
+    """RealNVP (Dinh et al., 2017): affine couplings (softly clamped log-scales);
+    both directions one pass per layer."""
+    return _coupling_flow(input_dim, "affine", num_layers, hidden, context_dim, 8, 5.0, mixing)
+
+
+def nsf(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, bins: int = 8, bound: float = 5.0,
+        kind: str | Transformer = DEFAULT_SPLINE, autoregressive: bool = False,
+        mixing: str = "permute") -> Flow:
+    """Neural spline flow (Durkan et al., 2019): spline couplings (both directions one
+    pass per layer), or with ``autoregressive=True`` MAF layers with spline
+    transformers (one-pass density, sequential sampling).  1-D inputs use the
+    autoregressive form (a coupling cannot split one dimension)."""
+    if autoregressive or input_dim == 1:
+        return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
+                                    num_layers, hidden, context_dim, bins, bound)
+    return _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing)
+
+
+def _autoregressive_flow(cls, conditional_cls, input_dim, kind, num_layers, hidden, context_dim, bins, bound):
+    _check(input_dim, num_layers)
+    layers = []
+    for i in range(num_layers):
+        transformer = make_transformer(kind, bins, bound)
+        made = MADE(input_dim, transformer.num_params, hidden, context_dim=context_dim,
+                    order="natural" if i % 2 == 0 else "reverse")
+        layers.append(cls(transformer, made) if context_dim is None else conditional_cls(transformer, made))
+    return Flow(layers)
+
+
+def maf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+        bound: float = 5.0) -> Flow:
+    """Masked autoregressive flow (Papamakarios et al., 2017): ``log_prob`` is one MADE
+    pass per layer, sampling is sequential (``input_dim`` passes per layer)."""
+    return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
+                                num_layers, hidden, context_dim, bins, bound)
+
+
+def iaf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+        bound: float = 5.0) -> Flow:
+    """Inverse autoregressive flow (Kingma et al., 2016): sampling (and ``log_prob`` of
+    its own samples) is one MADE pass per layer; scoring new data is sequential.
+    The natural choice for variational posteriors (SVI guides)."""
+    return _autoregressive_flow(InverseAutoregressive, ConditionalInverseAutoregressive, input_dim, kind,
+                                num_layers, hidden, context_dim, bins, bound)
+
+
+# ----------------------------------------------------------------------------
+# Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
+# ----------------------------------------------------------------------------
 
 
 def _no_context(name, context_dim):
@@ -30,47 +129,47 @@ def _no_context(name, context_dim):
         raise ValueError(f"{name} has no conditional version (context_dim must be None)")
 
 
-def iresnet(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64), coeff: float = 0.9,
-            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> _Flow:
+def iresnet(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64), coeff: float = 0.9,
+            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> Flow:
     r"""i-ResNet (Behrmann et al. 2019): ``num_blocks`` :class:`InvertibleResidual` blocks
     with the truncated power-series log-det (biased; pass ``log_det="exact"`` in
     low dimensions).  Scoring is the cheap direction (one residual pass per
     block); sampling solves a fixed point per block."""
     _no_context("iresnet", context_dim)
     kw.setdefault("cheap", "inverse")
-    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
+    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def residual_flow(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64),
+def residual_flow(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64),
                   coeff: float = 0.98, log_det: str = "roulette", n_exact_terms: int = 2,
-                  context_dim: int | None = None, **kw) -> _Flow:
+                  context_dim: int | None = None, **kw) -> Flow:
     r"""Residual Flow (Chen et al. 2019): :class:`InvertibleResidual` blocks with LipSwish,
     the unbiased Russian-roulette log-det and its Neumann-series gradient.
     Scoring is the cheap direction; sampling solves a fixed point per block."""
     _no_context("residual_flow", context_dim)
     kw.setdefault("cheap", "inverse")
-    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
+    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
                                                n_exact_terms=n_exact_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
+def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of planar layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return _Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
-    return _Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
+    return Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
-def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
+def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of radial layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return _Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
-    return _Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
+    return Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
 def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
-              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> _Flow:
+              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> Flow:
     """A stack of Sylvester layers (van den Berg et al. 2018); the triangular variant
     alternates the identity and the reversal permutation.  Conditional with ``context_dim``."""
     layers = []
@@ -81,4 +180,4 @@ def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
             layers.append(_Sylvester(input_dim, num_vectors, variant, **kw))
         else:
             layers.append(_ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw))
-    return _Flow(layers)
+    return Flow(layers)

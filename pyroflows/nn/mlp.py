@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ class MLP(nn.Sequential):
                  activation: type[nn.Module] = nn.ReLU, zero_init: bool = True):
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), activation()]
         last = nn.Linear(widths[-1], out_features)
         if zero_init:

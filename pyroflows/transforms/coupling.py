@@ -1,0 +1,237 @@
+r"""Coupling layers (Prince, *Understanding Deep Learning*, eqs. 16.13-16.14).
+
+Split :math:`x = (x_a, x_b)` with a fixed mask; :math:`x_a` passes unchanged
+and conditions the transformer applied to :math:`x_b`:
+
+.. math::
+
+    y_a = x_a, \qquad y_b = g(x_b;\, \theta(x_a)), \qquad
+    \log|\det J| = \sum_{d \in b} \log g'(x_{b,d};\, \theta(x_a)).
+
+The Jacobian is block triangular, and since :math:`x_a = y_a` both
+directions cost one conditioner pass.  Any transformer kind works:
+additive is NICE (Dinh et al., 2015), affine is RealNVP (Dinh et al., 2017),
+a rational-quadratic spline is the coupling neural spline flow (Durkan et
+al., 2019).  The mask logic (:func:`half_mask`, :class:`MaskSplit`) lives here
+once; the layers only call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import MLP
+from .base import Bijector, ConditionalBijector
+from .elementwise import check_input_dim
+from .transformers import KINDS, Transformer, make_transformer
+
+__all__ = [
+    "ConditionalCoupling",
+    "Coupling",
+    "additive_coupling",
+    "affine_coupling",
+    "conditional_additive_coupling",
+    "conditional_affine_coupling",
+    "conditional_spline_coupling",
+    "spline_coupling",
+]
+
+#: The default transformer of the spline helpers: the rational-quadratic spline when present.
+DEFAULT_SPLINE = "rq_spline" if "rq_spline" in KINDS else "piecewise_linear"
+
+
+def half_mask(input_dim: int, parity: int = 0) -> torch.Tensor:
+    """Boolean mask, ``True`` = passes unchanged: the first ``D // 2`` dimensions
+    for ``parity=0``, the others for ``parity=1`` (alternate it between layers)."""
+    if input_dim < 2:
+        raise ValueError(f"a coupling layer needs input_dim >= 2 (one half must condition the other), "
+                         f"got {input_dim}")
+    first = torch.arange(input_dim) < input_dim // 2
+    return first if parity % 2 == 0 else ~first
+
+
+def _as_range(idx: torch.Tensor):
+    """``(start, stop)`` if ``idx`` is a run of consecutive integers, else ``None``."""
+    start = int(idx[0])
+    if torch.equal(idx, torch.arange(start, start + idx.numel())):
+        return start, start + idx.numel()
+    return None
+
+
+class MaskSplit(nn.Module):
+    """Split ``x`` into ``(x[..., mask], x[..., ~mask])`` and merge back.
+
+    Contiguous halves (what :func:`half_mask` makes) are sliced as views and
+    merged with one ``cat``; any other mask uses an index gather and one
+    ``cat`` followed by a fixed permutation.
+    """
+
+    def __init__(self, mask: Sequence[bool] | torch.Tensor):
+        super().__init__()
+        mask = torch.as_tensor(mask, dtype=torch.bool).flatten()
+        if mask.all() or not mask.any():
+            raise ValueError("a coupling mask must contain both True (unchanged) and False (transformed) entries")
+        self.register_buffer("mask", mask)
+        idx_a, idx_b = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+        self.num_kept, self.num_transformed = idx_a.numel(), idx_b.numel()
+        self.register_buffer("idx_a", idx_a)
+        self.register_buffer("idx_b", idx_b)
+        self.register_buffer("unsplit", torch.argsort(torch.cat([idx_a, idx_b])))
+        ra, rb = _as_range(idx_a), _as_range(idx_b)
+        self._ranges = (ra, rb) if ra is not None and rb is not None else None
+
+    def split(self, x):
+        if self._ranges is not None:
+            (a0, a1), (b0, b1) = self._ranges
+            return x[..., a0:a1], x[..., b0:b1]
+        return x[..., self.idx_a], x[..., self.idx_b]
+
+    def merge(self, a, b):
+        if a.shape[:-1] != b.shape[:-1]:  # a context with a larger batch shape broadcast into b
+            a = a.expand(*b.shape[:-1], a.shape[-1])
+        if self._ranges is not None:
+            return torch.cat([a, b] if self._ranges[0][0] == 0 else [b, a], dim=-1)
+        return torch.cat([a, b], dim=-1)[..., self.unsplit]
+
+
+class _CouplingMath:
+    """The coupling computation, shared by :class:`Coupling` and :class:`ConditionalCoupling`."""
+
+    def _setup(self, transformer: Transformer, conditioner: nn.Module, mask):
+        self.transformer = transformer
+        self.conditioner = conditioner
+        self.split = MaskSplit(mask)
+        self.event_shape = (self.split.mask.numel(),)
+        self._num_params = transformer.num_params
+        offset = transformer.identity_params()
+        # zero identity parameters (affine, additive) need no offset at all
+        self.register_buffer("param_offset", offset if bool(offset.ne(0).any()) else None)
+
+    def _couple(self, x, context, transform):
+        xa, xb = self.split.split(x)
+        h = xa
+        if context is not None:
+            batch = torch.broadcast_shapes(xa.shape[:-1], context.shape[:-1])
+            h = torch.cat([xa.expand(*batch, xa.shape[-1]), context.expand(*batch, context.shape[-1])], dim=-1)
+        params = self.conditioner(h).unflatten(-1, (self.split.num_transformed, self._num_params))
+        if self.param_offset is not None:
+            params = params + self.param_offset
+        yb, ladj = transform(xb, params)
+        return self.split.merge(xa, yb), ladj.sum(-1)
+
+    def extra_repr(self):
+        return f"{self.transformer!r}, mask={self.split.mask.int().tolist()}"
+
+
+class Coupling(_CouplingMath, Bijector):
+    r"""Coupling layer :math:`y_a = x_a,\ y_b = g(x_b; \theta(x_a))`.
+
+    Both directions are one conditioner pass (the inverse
+    :math:`x_b = g^{-1}(y_b; \theta(y_a))` needs only :math:`y_a = x_a`);
+    the log-determinant is the sum of the transformer's log-derivatives over
+    the transformed half.  The conditioner's output is offset by the
+    transformer's identity parameters, so a zero-initialised last layer starts
+    the layer at the identity.
+
+    Args:
+        transformer: the monotone map :math:`g` (any
+            :class:`~pyroflows.transforms.transformers.Transformer`).
+        conditioner: a module mapping ``(..., n_a)`` to
+            ``(..., n_b * transformer.num_params)``.
+        mask: boolean ``(D,)``, ``True`` = passes unchanged (conditions).
+
+    Reference: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
+    """
+
+    def __init__(self, transformer: Transformer, conditioner: nn.Module, mask, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._setup(transformer, conditioner, mask)
+
+    def forward(self, x):
+        return self._couple(x, None, self.transformer.forward)
+
+    def inverse(self, y):
+        return self._couple(y, None, self.transformer.inverse)
+
+
+class ConditionalCoupling(_CouplingMath, ConditionalBijector):
+    r"""Conditional coupling layer :math:`y_b = g(x_b; \theta(x_a, c))`.
+
+    As :class:`Coupling`, with the context :math:`c` of shape
+    ``(..., context_dim)`` concatenated to the conditioner input (its batch
+    shape broadcasts against that of ``x``).  Both directions are one
+    conditioner pass.
+
+    Args:
+        transformer, mask: as in :class:`Coupling`.
+        conditioner: a module mapping ``(..., n_a + context_dim)`` to
+            ``(..., n_b * transformer.num_params)``.
+        context_dim: width of the context.
+    """
+
+    def __init__(self, transformer: Transformer, conditioner: nn.Module, mask, context_dim: int):
+        super().__init__()
+        self._setup(transformer, conditioner, mask)
+        self.context_dim = int(context_dim)
+
+    def forward(self, x, context):
+        return self._couple(x, context, self.transformer.forward)
+
+    def inverse(self, y, context):
+        return self._couple(y, context, self.transformer.inverse)
+
+
+def build_coupling(input_dim, kind, bins, bound, hidden, parity=0, mask=None, context_dim=None):
+    """A coupling layer (conditional when ``context_dim`` is given) with an MLP conditioner."""
+    check_input_dim(input_dim)
+    mask = half_mask(input_dim, parity) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    if mask.numel() != input_dim:
+        raise ValueError(f"mask has {mask.numel()} entries but input_dim is {input_dim}")
+    transformer = make_transformer(kind, bins, bound)
+    n_a = int(mask.sum())
+    net = MLP(n_a + (context_dim or 0), (input_dim - n_a) * transformer.num_params, hidden)
+    if context_dim is None:
+        return Coupling(transformer, net, mask)
+    return ConditionalCoupling(transformer, net, mask, context_dim)
+
+
+def spline_coupling(input_dim: int, kind: str | Transformer = DEFAULT_SPLINE, bins: int = 8,
+                    bound: float = 5.0, hidden: Sequence[int] = (64, 64), parity: int = 0,
+                    mask=None) -> Coupling:
+    """A :class:`Coupling` layer with any transformer ``kind`` (default: the
+    rational-quadratic spline, the coupling NSF of Durkan et al. 2019) and an
+    :class:`~pyroflows.nn.MLP` conditioner; ``parity`` picks which half of
+    :func:`half_mask` is transformed, or pass an explicit boolean ``mask``."""
+    return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, None)
+
+
+def affine_coupling(input_dim: int, hidden: Sequence[int] = (64, 64), parity: int = 0, mask=None) -> Coupling:
+    """The RealNVP affine coupling layer (Dinh et al., 2017): ``spline_coupling(kind="affine")``."""
+    return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, None)
+
+
+def additive_coupling(input_dim: int, hidden: Sequence[int] = (64, 64), parity: int = 0, mask=None) -> Coupling:
+    """The NICE additive (volume-preserving) coupling layer (Dinh et al., 2015)."""
+    return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, None)
+
+
+def conditional_spline_coupling(input_dim: int, context_dim: int, kind: str | Transformer = DEFAULT_SPLINE,
+                                bins: int = 8, bound: float = 5.0, hidden: Sequence[int] = (64, 64),
+                                parity: int = 0, mask=None) -> ConditionalCoupling:
+    """Conditional twin of :func:`spline_coupling` (context concatenated to the conditioner input)."""
+    return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, context_dim)
+
+
+def conditional_affine_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64),
+                                parity: int = 0, mask=None) -> ConditionalCoupling:
+    """Conditional twin of :func:`affine_coupling`."""
+    return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, context_dim)
+
+
+def conditional_additive_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64),
+                                  parity: int = 0, mask=None) -> ConditionalCoupling:
+    """Conditional twin of :func:`additive_coupling`."""
+    return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, context_dim)

@@ -1,0 +1,139 @@
+"""Coupling layers and permutations (the generic checks are in test_exactness.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import pyroflows.transforms as T
+from pyroflows.nn import MLP
+from pyroflows.transforms.coupling import half_mask
+from pyroflows.transforms.transformers import KINDS, make_transformer
+
+
+def _perturb(layer, scale=0.3, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return layer
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_starts_at_identity(kind):
+    layer = T.spline_coupling(5, kind=kind, hidden=(8,))
+    x = torch.randn(7, 5)
+    y, ladj = layer.forward(x)
+    assert torch.allclose(y, x, atol=1e-6)
+    assert torch.allclose(ladj, torch.zeros(7), atol=1e-6)
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_masked_half_passes_unchanged_and_one_conditioner_pass(parity):
+    layer = _perturb(T.affine_coupling(5, hidden=(8,), parity=parity)).double()
+    calls = _count_calls(layer.conditioner)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    y, _ = layer.forward(x)
+    assert len(calls) == 1
+    mask = half_mask(5, parity)
+    assert torch.equal(y[..., mask], x[..., mask])
+    assert not torch.allclose(y[..., ~mask], x[..., ~mask])
+    x_back, _ = layer.inverse(y)
+    assert len(calls) == 2
+    assert torch.allclose(x_back, x, atol=1e-10)
+
+
+def test_any_mask_works():
+    mask = torch.tensor([True, False, False, True, False, True])
+    layer = _perturb(T.spline_coupling(6, kind="piecewise_linear", hidden=(8,), mask=mask)).double()
+    x = torch.randn(6, dtype=torch.float64)
+    y, ladj = layer.forward(x)
+    assert torch.equal(y[mask], x[mask])
+    J = jacobian(lambda v: layer.forward(v)[0], x)
+    assert torch.allclose(ladj, torch.linalg.slogdet(J)[1], atol=1e-8)
+    assert torch.allclose(layer.inverse(y)[0], x, atol=1e-10)
+
+
+def test_generic_layer_with_custom_conditioner():
+    transformer = make_transformer("affine")
+    mask = half_mask(4)
+    layer = T.Coupling(transformer, MLP(2, 2 * 2, hidden=(8,), zero_init=False), mask).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, ladj = layer.forward(x)
+    x_back, ladj_inv = layer.inverse(y)
+    assert torch.allclose(x_back, x, atol=1e-10) and torch.allclose(ladj, ladj_inv, atol=1e-10)
+
+
+@pytest.mark.parametrize("helper", [T.affine_coupling, T.additive_coupling, T.spline_coupling])
+def test_one_dimension_is_rejected(helper):
+    with pytest.raises(ValueError, match="input_dim >= 2"):
+        helper(1)
+
+
+def test_bad_masks_are_rejected():
+    with pytest.raises(ValueError, match="mask"):
+        T.affine_coupling(3, mask=[True, True, True])
+    with pytest.raises(ValueError, match="mask"):
+        T.affine_coupling(3, mask=[True, False])
+
+
+def test_conditional_output_depends_on_context():
+    layer = _perturb(T.conditional_affine_coupling(4, 2, hidden=(8,))).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    c1, c2 = torch.randn(2, 2, dtype=torch.float64)
+    y1, l1 = layer.forward(x, c1)
+    y2, l2 = layer.forward(x, c2)
+    assert not torch.allclose(y1, y2) and not torch.allclose(l1, l2)
+    assert torch.allclose(layer.inverse(y1, c1)[0], x, atol=1e-10)
+
+
+# PiecewiseLinear has no minimum bin mass: for conditioner outputs ~1e4 a softmax mass underflows to 0 and
+# log g' = -inf.  To be fixed in transformers.py (a minimum bin mass, as nflows' min_bin_width).
+UNDERFLOWS = {"piecewise_linear"}
+KINDS_LARGE = [pytest.param(k, marks=pytest.mark.xfail(reason="no minimum bin mass in the transformer"))
+               if k in UNDERFLOWS else k for k in sorted(KINDS)]
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+@pytest.mark.parametrize("kind", KINDS_LARGE)
+def test_large_inputs_give_finite_values_and_gradients(kind, conditional):
+    layer = (T.conditional_spline_coupling(4, 2, kind=kind, hidden=(8,)) if conditional
+             else T.spline_coupling(4, kind=kind, hidden=(8,)))
+    _perturb(layer)
+    x = torch.tensor([[1e3, -1e3, 1e3, -1e3], [-1e3, 1e3, 0.5, -0.5]], requires_grad=True)
+    args = (x, torch.full((2,), 1e3)) if conditional else (x,)
+    for direction in (layer.forward, layer.inverse):
+        y, ladj = direction(*args)
+        assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+        (g,) = torch.autograd.grad(y.sum() + ladj.sum(), x)
+        assert torch.isfinite(g).all()
+
+
+# permutations -------------------------------------------------------------------------
+
+def test_permutation_round_trip_and_zero_log_det():
+    layer = T.permute(5, seed=2)
+    x = torch.randn(3, 5)
+    y, ladj = layer.forward(x)
+    assert torch.equal(y, x[..., layer.permutation])
+    assert torch.equal(ladj, torch.zeros(3))
+    assert torch.equal(layer.inverse(y)[0], x)
+    assert torch.equal(T.permute(5, seed=2).permutation, layer.permutation)
+    assert torch.equal(T.reverse(4).forward(torch.arange(4.0))[0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    assert torch.equal(T.permute(3, permutation=[2, 0, 1]).forward(torch.tensor([0.0, 1, 2]))[0],
+                       torch.tensor([2.0, 0, 1]))
+
+
+@pytest.mark.parametrize("perm", [[0, 0, 1], [1, 2, 3], []])
+def test_bad_permutation_raises(perm):
+    with pytest.raises(ValueError, match="permutation"):
+        T.Permutation(perm)
+    with pytest.raises(ValueError):
+        T.permute(3, permutation=perm[:2])

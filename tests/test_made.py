@@ -1,0 +1,81 @@
+"""MADE: autoregressive structure (via autograd), shapes, orderings, context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from pyroflows.nn import MADE
+from pyroflows.nn.made import input_degrees
+
+
+def _perturbed(made, scale=0.5):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in made.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return made.double()
+
+
+@pytest.mark.parametrize("order", [None, "reverse", "random", [3, 1, 5, 2, 4]])
+def test_jacobian_is_strictly_triangular_in_the_ordering(order):
+    D, P = 5, 3
+    made = _perturbed(MADE(D, P, hidden=(16, 16), order=order, seed=3))
+    x = torch.randn(D, dtype=torch.float64)
+    J = jacobian(lambda v: made(v), x)  # (D, P, D)
+    deg = made.degrees
+    depends = J.abs().sum(1) > 0  # (D_out, D_in)
+    allowed = deg[:, None] > deg[None, :]
+    assert not (depends & ~allowed).any(), "an output depends on itself or a later dimension"
+    # and the network is not trivially sparse: the last dimension in the ordering sees all others
+    last = int(torch.argmax(deg))
+    assert depends[last].sum() == D - 1
+    # the matrix is strictly lower triangular after sorting by the ordering
+    perm = torch.argsort(deg)
+    Jp = J.abs().sum(1)[perm][:, perm]
+    assert torch.equal(Jp, torch.tril(Jp, diagonal=-1))
+
+
+def test_output_layout_and_zero_init():
+    made = MADE(4, 3, hidden=(8,))
+    out = made(torch.randn(2, 5, 4))
+    assert out.shape == (2, 5, 4, 3)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_context_feeds_every_output_and_broadcasts():
+    D, C = 3, 2
+    made = _perturbed(MADE(D, 2, hidden=(16, 16), context_dim=C))
+    x = torch.randn(D, dtype=torch.float64)
+    c = torch.randn(C, dtype=torch.float64)
+    Jc = jacobian(lambda v: made(x, v), c)  # (D, 2, C)
+    assert (Jc.abs().sum((1, 2)) > 0).all(), "some dimension (the first one?) ignores the context"
+    Jx = jacobian(lambda v: made(v, c), x).abs().sum(1)
+    assert torch.equal(Jx, torch.tril(Jx, diagonal=-1))
+    # broadcasting, both ways
+    xs = torch.randn(4, 1, D, dtype=torch.float64)
+    cs = torch.randn(3, C, dtype=torch.float64)
+    assert made(xs, cs).shape == (4, 3, D, 2)
+    assert made(xs[0, 0], cs).shape == (3, D, 2)
+    with pytest.raises(ValueError, match="context"):
+        made(xs)
+
+
+def test_random_order_is_seeded():
+    a = input_degrees(6, "random", seed=4)
+    assert torch.equal(a, input_degrees(6, "random", seed=4))
+    assert sorted(a.tolist()) == list(range(1, 7))
+    assert not all(torch.equal(a, input_degrees(6, "random", seed=s)) for s in range(5, 10))
+
+
+@pytest.mark.parametrize("order", ["sideways", [1, 1, 2], [0, 1, 2], [1, 2]])
+def test_bad_order_raises(order):
+    with pytest.raises(ValueError, match="order"):
+        MADE(3, 2, order=order)
+
+
+def test_one_dimension_gives_constant_outputs():
+    made = _perturbed(MADE(1, 2, hidden=(4,)))
+    a, b = made(torch.tensor([[0.0], [5.0]], dtype=torch.float64))
+    assert torch.equal(a, b)
