@@ -22,8 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The documentation, warnings as errors (as CI builds it); output in docs/_build/html.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pyroflows tests examples benchmarks
+	$(VENV)/bin/ruff check $(wildcard pyroflows tests examples benchmarks docs/conf.py)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/_autogen

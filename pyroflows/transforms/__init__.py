@@ -1,4 +1,4 @@
-"""Every invertible layer of pyroflows, as Pyro ``TransformModule``s.
+"""Every invertible layer of pyroflows, as Pyro ``TransformModule`` objects.
 
 Each family lives in its own module; this package re-exports the public
 classes and their lowercase helpers (Pyro's convention: ``helper(input_dim,
