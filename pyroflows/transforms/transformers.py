@@ -15,10 +15,23 @@ and gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Transformer", "Affine", "Additive", "PiecewiseLinear", "KINDS", "make_transformer"]
+__all__ = [
+    "KINDS",
+    "Additive",
+    "Affine",
+    "CubicSpline",
+    "LogisticMixtureCDF",
+    "PiecewiseLinear",
+    "PiecewiseQuadratic",
+    "RationalQuadraticSpline",
+    "Transformer",
+    "make_transformer",
+]
 
 
 class Transformer:
@@ -68,11 +81,13 @@ class Affine(Transformer):
 
     def forward(self, x, params):
         shift, log_scale = self._shift_log_scale(params)
-        return x * torch.exp(log_scale) + shift, log_scale.expand_as(x)
+        y = x * torch.exp(log_scale) + shift
+        return y, log_scale.expand_as(y)
 
     def inverse(self, y, params):
         shift, log_scale = self._shift_log_scale(params)
-        return (y - shift) * torch.exp(-log_scale), log_scale.expand_as(y)
+        x = (y - shift) * torch.exp(-log_scale)
+        return x, log_scale.expand_as(x)
 
     def __repr__(self):
         return f"Affine(log_scale_bound={self.log_scale_bound})"
@@ -90,17 +105,6 @@ class Additive(Transformer):
     def inverse(self, y, params):
         x = y - params[..., 0]
         return x, torch.zeros_like(x)
-
-
-def _bin_index(cumulative: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Index ``k`` with ``cumulative[k] <= value < cumulative[k+1]``, clamped to the bins.
-
-    ``cumulative`` has shape ``(..., K+1)``; ``values`` the batch shape of it
-    without the last dimension.  Uses ``searchsorted`` (no boolean indexing).
-    """
-    cumulative, values = torch.broadcast_tensors(cumulative, values.unsqueeze(-1))
-    idx = torch.searchsorted(cumulative[..., 1:-1].contiguous(), values[..., :1].contiguous(), right=True)
-    return idx.squeeze(-1)
 
 
 class PiecewiseLinear(Transformer):
@@ -140,8 +144,7 @@ class PiecewiseLinear(Transformer):
         u = ((x - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
         b = torch.clamp((u * K).floor().long(), max=K - 1)
-        qb = q.expand(*u.shape, K).gather(-1, b.unsqueeze(-1)).squeeze(-1)
-        cb = cum.expand(*u.shape, K + 1).gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         v = cb + (u * K - b) * qb
         y = torch.where(inside, self.lower + width * v, x)
         ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(x))
@@ -152,9 +155,8 @@ class PiecewiseLinear(Transformer):
         inside = (y >= self.lower) & (y <= self.upper)
         v = ((y - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
-        b = _bin_index(cum, v)
-        qb = q.expand(*v.shape, K).gather(-1, b.unsqueeze(-1)).squeeze(-1)
-        cb = cum.expand(*v.shape, K + 1).gather(-1, b.unsqueeze(-1)).squeeze(-1)
+        b = _bin_search(cum[..., 1:-1], v)
+        qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         u = (b + (v - cb) / qb) / K
         x = torch.where(inside, self.lower + width * u, y)
         ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(y))
@@ -164,6 +166,424 @@ class PiecewiseLinear(Transformer):
         return f"PiecewiseLinear(bins={self.bins}, lower={self.lower}, upper={self.upper})"
 
 
+# --------------------------------------------------------------------------
+# Helpers shared by the splines: knots from unconstrained sizes, bin search,
+# gathers with broadcasting, and a safeguarded Newton root finder.
+# --------------------------------------------------------------------------
+
+#: Smallest bin width / height of a spline, as a fraction of the interval
+#: (``bins * MIN_BIN_SIZE < 1`` is required).  Keeps every slope within
+#: ``[MIN_BIN_SIZE, 1 / MIN_BIN_SIZE]`` so float32 stays well conditioned.
+MIN_BIN_SIZE = 1e-3
+#: Smallest knot derivative of the rational-quadratic spline, smallest density
+#: of the piecewise-quadratic map, and the margin of the cubic spline's end
+#: derivatives inside the monotone region (float32 safety).
+MIN_DERIVATIVE = 1e-3
+
+
+def _sizes(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
+    r"""Bin sizes :math:`m + (1 - Km)\,\mathrm{softmax}(\theta)` (each at least
+    :math:`m`, summing to one; ``theta = 0`` gives equal bins) for any real logits."""
+    K = raw.shape[-1]
+    return min_size + (1.0 - K * min_size) * torch.softmax(raw, dim=-1)
+
+
+def _inner_knots(sizes: torch.Tensor) -> torch.Tensor:
+    """The ``K - 1`` interior knots on ``[0, 1]`` of bins of ``sizes`` (..., K); the
+    end knots 0 and 1 are filled in exactly by :func:`_fill_ends`."""
+    return torch.cumsum(sizes[..., :-1], dim=-1)
+
+
+def _bin_search(inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bin index ``k`` in ``0..K-1`` of ``v`` given the interior knots ``inner`` (..., K-1).
+
+    Counts the knots at or below ``v``: a broadcasting comparison, no boolean
+    indexing and no copies when ``inner`` has a smaller batch shape than ``v``.
+    """
+    return (v.unsqueeze(-1) >= inner).sum(-1)
+
+
+def _neighbours(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    """Positions (..., 2) in the interior-knot array of knots ``idx`` and ``idx + 1``,
+    clamped into range (the end knots are replaced by :func:`_fill_ends`)."""
+    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=bins - 2)), dim=-1)
+
+
+def _fill_ends(lo, hi, idx, bins: int, first, last):
+    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set to ``first`` / ``last``."""
+    return torch.where(idx == 0, first, lo), torch.where(idx == bins - 1, last, hi)
+
+
+def _bin_ends(inner: torch.Tensor, idx: torch.Tensor, first, last):
+    """Values at knots ``idx`` and ``idx + 1`` from interior values ``inner`` (..., K-1)
+    and end values ``first`` / ``last`` (numbers or tensors): one gather."""
+    K = inner.shape[-1] + 1
+    if K == 1:
+        zero = torch.zeros_like(idx, dtype=inner.dtype)
+        return zero + first, zero + last
+    lo, hi = _take(inner, _neighbours(idx, K)).unbind(-1)
+    return _fill_ends(lo, hi, idx, K, first, last)
+
+
+def _take(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``src[..., index[..., j]]`` with ``src`` (..., n) broadcast against ``index`` (..., m)."""
+    shape = torch.broadcast_shapes(src.shape[:-1], index.shape[:-1])
+    return src.expand(*shape, src.shape[-1]).gather(-1, index.expand(*shape, index.shape[-1]))
+
+
+def _solve_increasing(fn, target, lo, hi, start, iters: int):
+    r"""Root of ``fn(x) = target`` for ``fn`` increasing on ``[lo, hi]`` with the
+    root inside: a safeguarded Newton iteration, ``iters`` steps.
+
+    ``fn(x)`` returns ``(value, derivative)``; the target is first clamped onto
+    ``[fn(lo), fn(hi)]`` (rounding can put it just outside).  Each step shrinks the bracket
+    at the current point, then takes the Newton step if it lands inside the
+    bracket and bisects otherwise (so a flat or badly scaled ``fn`` still
+    converges, at worst by bisection).  The loop runs without autograd; the
+    result gets the implicit-function gradient :math:`\partial x/\partial\cdot
+    = -\partial(\mathrm{fn}(x) - \mathrm{target})/\partial\cdot \,/\, \mathrm{fn}'(x)`
+    by one differentiable evaluation whose value contribution is exactly zero.
+    A fixed step count keeps it free of data-dependent control flow.
+    """
+    with torch.no_grad():
+        x, lo, hi = start.detach(), lo.detach(), hi.detach()
+        # aim at the target clamped onto [fn(lo), fn(hi)], so that a root exists despite rounding
+        t = torch.minimum(torch.maximum(target.detach(), fn(lo)[0]), fn(hi)[0])
+        for _ in range(iters):
+            f, df = fn(x)
+            err = f - t
+            lo = torch.where(err <= 0, x, lo)
+            hi = torch.where(err >= 0, x, hi)
+            newton = x - err / df
+            x = torch.where((newton >= lo) & (newton <= hi), newton, 0.5 * (lo + hi))
+    f, df = fn(x)
+    err = f - target
+    tiny = torch.finfo(x.dtype).tiny
+    return x - (err - err.detach()) / df.detach().clamp(min=tiny)
+
+
+class _Spline(Transformer):
+    r"""A monotone spline on :math:`[-B, B]` with identity (linear) tails.
+
+    Subclasses write the map on the unit square, ``_forward_unit(u, params)``
+    and ``_inverse_unit(v, params)`` returning ``(value, log-derivative)``;
+    here the input is rescaled, clamped into the interval (so the unused
+    branch of ``torch.where`` is always finite and gets finite gradients), and
+    the tails are the exact identity with log-derivative 0.  The derivative is
+    invariant under the common rescaling of both axes.  The first ``K``
+    parameters are the bin-width logits of every spline.
+    """
+
+    def __init__(self, bins: int = 8, bound: float = 5.0):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be a positive int, got {bins!r}")
+        if bins * MIN_BIN_SIZE >= 1:
+            raise ValueError(f"bins must be below {int(1 / MIN_BIN_SIZE)} (minimum bin size {MIN_BIN_SIZE})")
+        if not bound > 0:
+            raise ValueError(f"bound must be > 0, got {bound}")
+        self.bins, self.bound = bins, float(bound)
+
+    def _apply(self, z, params, unit_map):
+        B = self.bound
+        inside = (z >= -B) & (z <= B)
+        u = ((z + B) / (2 * B)).clamp(0.0, 1.0)
+        out, logd = unit_map(u, params)
+        return torch.where(inside, (2 * B) * out - B, z), torch.where(inside, logd, 0.0)
+
+    def forward(self, x, params):
+        return self._apply(x, params, self._forward_unit)
+
+    def inverse(self, y, params):
+        return self._apply(y, params, self._inverse_unit)
+
+    def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
+        """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
+        inner = _inner_knots(_sizes(params[..., : self.bins]))
+        knots = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
+        return (2 * self.bound) * knots - self.bound
+
+    def __repr__(self):
+        return f"{type(self).__name__}(bins={self.bins}, bound={self.bound})"
+
+
+class PiecewiseQuadratic(_Spline):
+    r"""Piecewise-quadratic monotone map on :math:`[-B, B]` (identity outside).
+
+    Müller et al., "Neural Importance Sampling", 2019.  On the unit square the
+    derivative (a density) is piecewise linear, with ``K`` bin widths
+    :math:`w_k` (softmax of logits, each at least ``MIN_BIN_SIZE``) and
+    ``K + 1`` vertex heights
+
+    .. math::
+
+        v = (1-\epsilon)\,\frac{e^{\tilde v}}{\sum_k \tfrac12 (e^{\tilde v_k}
+        + e^{\tilde v_{k+1}}) w_k} + \epsilon,\qquad
+        g(x) = c_b + w_b\,\alpha\,v_b + \tfrac12 w_b\,\alpha^2 (v_{b+1} - v_b),
+
+    with :math:`\alpha = (x - x_b)/w_b` in bin :math:`b`, :math:`c_b` the mass
+    of the bins before, and :math:`g'(x) = v_b + \alpha (v_{b+1} - v_b)`,
+    continuous across the knots (it jumps to the tail slope 1 at
+    :math:`\pm B`).  :math:`\epsilon` = ``MIN_DERIVATIVE`` mixes in the uniform
+    density, keeping :math:`g' \ge \epsilon`.  Params: ``K`` width logits,
+    then ``K + 1`` vertex logits (``2K + 1``); zeros are the identity.  Both
+    directions cost the same: the inverse is the closed-form root
+    :math:`\alpha = 2c / (b + \sqrt{b^2 + 4ac})` of the quadratic (the form
+    without cancellation, valid as :math:`a \to 0`).
+    """
+
+    def __init__(self, bins: int = 8, bound: float = 5.0):
+        super().__init__(bins, bound)
+        self.num_params = 2 * self.bins + 1
+
+    def _local(self, z, params, inverse: bool):
+        K, eps = self.bins, MIN_DERIVATIVE
+        w = _sizes(params[..., :K])
+        e = torch.exp(params[..., K:] - params[..., K:].amax(-1, keepdim=True))
+        area = 0.5 * (e[..., :-1] + e[..., 1:]) * w
+        scale = (1 - eps) / area.sum(-1, keepdim=True)
+        x_inner, y_inner = _inner_knots(w), _inner_knots(scale * area + eps * w)
+        idx = _bin_search(y_inner if inverse else x_inner, z)
+        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
+        y0, _ = _bin_ends(y_inner, idx, 0.0, 1.0)
+        v0, v1 = (scale * _take(e, torch.stack((idx, idx + 1), dim=-1)) + eps).unbind(-1)
+        return x0, x1 - x0, y0, v0, v1
+
+    def _forward_unit(self, u, params):
+        x0, w, y0, v0, v1 = self._local(u, params, False)
+        alpha = (u - x0) / w  # in [0, 1] by the bin search (no clamp: it would cut gradients at the knots)
+        slope = v0 + alpha * (v1 - v0)
+        return y0 + w * alpha * 0.5 * (v0 + slope), torch.log(slope)
+
+    def _inverse_unit(self, y, params):
+        x0, w, y0, v0, v1 = self._local(y, params, True)
+        c = (y - y0).clamp(min=0.0)
+        a, b = 0.5 * w * (v1 - v0), w * v0
+        alpha = 2 * c / (b + torch.sqrt((b * b + 4 * a * c).clamp(min=0.0)))
+        return x0 + w * alpha, torch.log(v0 + alpha * (v1 - v0))
+
+
+class CubicSpline(_Spline):
+    r"""Monotone cubic (Hermite) spline on :math:`[-B, B]` (identity outside).
+
+    Durkan et al., "Cubic-Spline Flows", 2019.  ``K`` bins with widths
+    :math:`w_k` and heights :math:`h_k` (softmax of logits, each at least
+    ``MIN_BIN_SIZE`` of the interval), slopes :math:`s_k = h_k / w_k`, and
+    knot derivatives from Steffen's method (1990) in the interior,
+    :math:`d_k = \min(2s_{k-1}, 2s_k, p_k)` with
+    :math:`p_k = (s_{k-1} w_k + s_k w_{k-1}) / (w_{k-1} + w_k)`, and learned
+    at the two ends, :math:`d_0 = s_0 (\delta + (3 - 2\delta)\sigma(\tilde d_0 + c))`
+    (likewise :math:`d_K`; the shift :math:`c` makes 0 give :math:`d_0 = s_0`),
+    so every derivative ratio lies in :math:`(0, 3)`, the Fritsch--Carlson
+    square where a cubic Hermite piece is monotone; :math:`\delta` =
+    ``MIN_DERIVATIVE`` keeps it strictly increasing.  In bin :math:`k` with
+    :math:`t = (x - x_k)/w_k`,
+
+    .. math::
+
+        g = y_k + w_k\bigl(A t^3 + C t^2 + d_k t\bigr),\quad
+        g' = d_k + 2Ct + 3At^2,\quad A = d_k + d_{k+1} - 2 s_k,\;
+        C = 3 s_k - 2 d_k - d_{k+1},
+
+    so value and derivative are continuous at the interior knots.  Params:
+    ``K`` width, ``K`` height logits and the 2 end-derivative logits
+    (``2K + 2``); zeros are the identity.  The forward is cheap; the inverse
+    solves the cubic in its bin by safeguarded Newton with bisection on ``t``
+    in ``[0, 1]`` (``iters`` = 30 steps: at worst bisection, a bracket of
+    :math:`2^{-30}` of the bin; in practice Newton reaches float precision in
+    a handful of steps).
+    """
+
+    #: shift of the end-derivative logits so that 0 gives derivative ratio 1 (the identity)
+    _END_SHIFT = math.log((1 - MIN_DERIVATIVE) / (2 - MIN_DERIVATIVE))
+
+    def __init__(self, bins: int = 8, bound: float = 5.0, iters: int = 30):
+        super().__init__(bins, bound)
+        self.num_params = 2 * self.bins + 2
+        self.iters = int(iters)
+
+    def _local(self, z, params, inverse: bool):
+        K, delta = self.bins, MIN_DERIVATIVE
+        w, h = _sizes(params[..., :K]), _sizes(params[..., K : 2 * K])
+        s = h / w
+        s0, s1, w0, w1 = s[..., :-1], s[..., 1:], w[..., :-1], w[..., 1:]
+        d_inner = torch.minimum(torch.minimum(2 * s0, 2 * s1), (s0 * w1 + s1 * w0) / (w0 + w1))
+        d_ends = s[..., [0, -1]] * (delta + (3 - 2 * delta) * torch.sigmoid(params[..., 2 * K :] + self._END_SHIFT))
+        x_inner, y_inner = _inner_knots(w), _inner_knots(h)
+        idx = _bin_search(y_inner if inverse else x_inner, z)
+        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
+        y0, y1 = _bin_ends(y_inner, idx, 0.0, 1.0)
+        d0, d1 = _bin_ends(d_inner, idx, d_ends[..., 0], d_ends[..., 1])
+        w = x1 - x0
+        s = (y1 - y0) / w
+        return x0, y0, w, d0, d0 + d1 - 2 * s, 3 * s - 2 * d0 - d1
+
+    def _forward_unit(self, u, params):
+        x0, y0, w, d0, A, C = self._local(u, params, False)
+        t = (u - x0) / w
+        return y0 + w * t * (d0 + t * (C + t * A)), torch.log(d0 + t * (2 * C + 3 * A * t))
+
+    def _inverse_unit(self, v, params):
+        x0, y0, w, d0, A, C = self._local(v, params, True)
+        target = (v - y0) / w
+
+        def cubic(t):
+            return t * (d0 + t * (C + t * A)), d0 + t * (2 * C + 3 * A * t)
+
+        zero = torch.zeros_like(target)
+        start = (target / (d0 + (C + A))).clamp(0.0, 1.0)  # the chord: exact for a linear piece
+        t = _solve_increasing(cubic, target, zero, zero + 1, start, self.iters).clamp(0.0, 1.0)
+        return x0 + w * t, torch.log(cubic(t)[1])
+
+    def __repr__(self):
+        return f"CubicSpline(bins={self.bins}, bound={self.bound}, iters={self.iters})"
+
+
+class RationalQuadraticSpline(_Spline):
+    r"""Monotone rational-quadratic spline on :math:`[-B, B]` (identity outside).
+
+    Durkan et al., "Neural Spline Flows", 2019 (Gregory & Delbourgo 1982).
+    ``K`` bins with widths :math:`w_k`, heights :math:`h_k` (softmax of
+    logits, each at least ``MIN_BIN_SIZE`` of the interval), slopes
+    :math:`s_k = h_k/w_k` and ``K - 1`` interior knot derivatives
+    :math:`d_k = \epsilon + (1-\epsilon)\,\tfrac12\bigl(\tilde d_k +
+    \sqrt{\tilde d_k^2 + 4}\bigr)` (positive, 1 at :math:`\tilde d = 0`,
+    linear growth like softplus but cheaper; :math:`\epsilon` =
+    ``MIN_DERIVATIVE``); the end derivatives are 1, so value *and* derivative
+    are continuous into the identity tails.  In bin :math:`k` with
+    :math:`\xi = (x - x_k)/w_k`:
+
+    .. math::
+
+        g = y_k + \frac{h_k\,[s_k\xi^2 + d_k\xi(1-\xi)]}
+                       {s_k + (d_{k+1} + d_k - 2s_k)\,\xi(1-\xi)},\qquad
+        g' = \frac{s_k^2\,[d_{k+1}\xi^2 + 2s_k\xi(1-\xi) + d_k(1-\xi)^2]}
+                  {[s_k + (d_{k+1} + d_k - 2s_k)\,\xi(1-\xi)]^2}.
+
+    Params: ``K`` width, ``K`` height, ``K - 1`` derivative logits
+    (``3K - 1``); zeros are the identity.  Both directions cost the same: the
+    inverse is the root :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})` of a
+    quadratic.  For speed, widths and heights share one softmax, one cumsum
+    and one gather, and the derivative constraint is applied only to the two
+    values gathered at the point's bin.
+    """
+
+    def __init__(self, bins: int = 8, bound: float = 5.0):
+        super().__init__(bins, bound)
+        self.num_params = 3 * self.bins - 1
+
+    def _local(self, z, params, inverse: bool):
+        K = self.bins
+        if K == 1:  # a single bin with end derivatives 1 is the identity
+            one = torch.ones_like(z)
+            return 0 * one, 0 * one, one, one, one, one, one
+        # widths and heights together: one softmax, one cumsum, one gather
+        inner = _inner_knots(_sizes(params[..., : 2 * K].unflatten(-1, (2, K))))  # (..., 2, K-1)
+        idx = _bin_search(inner[..., int(inverse), :], z)
+        pair = _neighbours(idx, K)
+        knots = _take(inner, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
+        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], idx, K, 0.0, 1.0)
+        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], idx, K, 0.0, 1.0)
+        raw = _take(params[..., 2 * K :], pair)
+        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
+        d0, d1 = _fill_ends(d0, d1, idx, K, 1.0, 1.0)
+        w, h = x1 - x0, y1 - y0
+        return x0, y0, w, h, h / w, d0, d1
+
+    @staticmethod
+    def _log_derivative(xi, s, d0, d1):
+        om = 1 - xi
+        xo = xi * om
+        den = s + (d0 + d1 - 2 * s) * xo
+        return 2 * torch.log(s / den) + torch.log(d1 * xi * xi + 2 * s * xo + d0 * om * om)
+
+    def _forward_unit(self, u, params):
+        x0, y0, w, h, s, d0, d1 = self._local(u, params, False)
+        xi = (u - x0) / w
+        xo = xi * (1 - xi)
+        y = y0 + h * (s * xi * xi + d0 * xo) / (s + (d0 + d1 - 2 * s) * xo)
+        return y, self._log_derivative(xi, s, d0, d1)
+
+    def _inverse_unit(self, v, params):
+        x0, y0, w, h, s, d0, d1 = self._local(v, params, True)
+        dy = (v - y0).clamp(min=0.0)
+        k = (d0 + d1 - 2 * s) * dy
+        b = h * d0 - k
+        disc = (b * b + 4 * (h * (s - d0) + k) * s * dy).clamp(min=0.0)
+        xi = 2 * s * dy / (b + torch.sqrt(disc))
+        return x0 + w * xi, self._log_derivative(xi, s, d0, d1)
+
+
+class LogisticMixtureCDF(Transformer):
+    r"""Logit of a mixture of logistic CDFs (Flow++, Ho et al., 2019):
+
+    .. math::
+
+        g(x) = \sigma^{-1}\Bigl(\sum_k \pi_k\,\sigma\bigl((x - \mu_k)/s_k\bigr)\Bigr),
+
+    a monotone map of the whole real line onto itself, evaluated entirely in
+    log space, :math:`g = \mathrm{LSE}_k(\log\pi_k + \log\sigma(z_k)) -
+    \mathrm{LSE}_k(\log\pi_k + \log\sigma(-z_k))` with
+    :math:`z_k = (x-\mu_k)/s_k`, and
+    :math:`\log g' = \mathrm{LSE}_k(\log\pi_k + \log\sigma(z_k) +
+    \log\sigma(-z_k) - \log s_k) - \log F - \log(1-F)`, so it is finite for
+    every real :math:`x` (far out :math:`g` is linear with slope
+    :math:`1/\min s_k` or :math:`1/\max s_k`).  Params per dimension: ``K``
+    mixture logits, ``K`` locations, ``K`` log-scales (softly clamped to
+    :math:`\pm` ``log_scale_bound``), ``3K`` in all; zeros are the identity
+    (:math:`\sigma^{-1}\circ\sigma`).
+
+    The forward is cheap.  The inverse has no closed form: since
+    :math:`\min_k z_k \le g(x) \le \max_k z_k`, the root of :math:`g(x) = y`
+    lies in :math:`[\min_k(\mu_k + s_k y), \max_k(\mu_k + s_k y)]` for any
+    real :math:`y`; it is found by safeguarded Newton/bisection from the
+    :math:`\pi`-weighted point of that bracket, ``iters`` = 40 steps (each a
+    full forward evaluation).  Bisection alone would leave a bracket of
+    :math:`2^{-40}` of its width (under :math:`10^{-10}` for :math:`|y|`,
+    :math:`|\mu|` of order 10); with Newton the measured round-trip error is
+    at float precision (:math:`\sim 10^{-15}` in float64, :math:`\sim 10^{-6}`
+    in float32 at 3 standard deviations).  Where the mixture is nearly flat
+    (far-apart, narrow components) the inverse is ill conditioned in ``x``.
+    """
+
+    def __init__(self, components: int = 8, log_scale_bound: float = 7.0, iters: int = 40):
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be a positive int, got {components!r}")
+        self.components, self.log_scale_bound, self.iters = components, float(log_scale_bound), int(iters)
+        self.num_params = 3 * components
+
+    def _parts(self, params):
+        K = self.components
+        log_pi = torch.log_softmax(params[..., :K], dim=-1)
+        log_s = soft_clamp(params[..., 2 * K:], self.log_scale_bound)
+        return log_pi, params[..., K:2 * K], log_s
+
+    @staticmethod
+    def _eval(x, log_pi, mu, log_s):
+        z = (x.unsqueeze(-1) - mu) * torch.exp(-log_s)
+        lp, ln = F.logsigmoid(z), F.logsigmoid(-z)
+        log_f = torch.logsumexp(log_pi + lp, dim=-1)
+        log_1mf = torch.logsumexp(log_pi + ln, dim=-1)
+        log_df = torch.logsumexp(log_pi + lp + ln - log_s, dim=-1)
+        return log_f - log_1mf, log_df - log_f - log_1mf
+
+    def forward(self, x, params):
+        return self._eval(x, *self._parts(params))
+
+    def inverse(self, y, params):
+        log_pi, mu, log_s = self._parts(params)
+        ends = mu + torch.exp(log_s) * y.unsqueeze(-1)
+        start = (torch.exp(log_pi) * ends).sum(-1)
+
+        def g(x):
+            value, log_d = self._eval(x, log_pi, mu, log_s)
+            return value, torch.exp(log_d)
+
+        x = _solve_increasing(g, y, ends.amin(-1), ends.amax(-1), start, self.iters)
+        return x, self._eval(x, log_pi, mu, log_s)[1]
+
+    def __repr__(self):
+        return f"LogisticMixtureCDF(components={self.components}, iters={self.iters})"
+
 
 #: Transformer kinds by name: ``kind -> factory(bins, bound)``.  Structures
 #: (``elementwise``, ``spline_coupling``, ``spline_autoregressive``, ...) take a
@@ -172,6 +592,10 @@ KINDS = {
     "affine": lambda bins, bound: Affine(),
     "additive": lambda bins, bound: Additive(),
     "piecewise_linear": lambda bins, bound: PiecewiseLinear(bins, -bound, bound),
+    "piecewise_quadratic": lambda bins, bound: PiecewiseQuadratic(bins, bound),
+    "cubic_spline": lambda bins, bound: CubicSpline(bins, bound),
+    "rq_spline": lambda bins, bound: RationalQuadraticSpline(bins, bound),
+    "logistic_mixture": lambda bins, bound: LogisticMixtureCDF(bins),
 }
 
 
