@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
 
 from pyroflows import flows
 from pyroflows.data import toy_density
+from pyroflows.transforms.transformers import Transformer, make_transformer
 
 DENSITIES = ("eight_gaussians", "checkerboard", "rings", "two_moons")
 
@@ -77,6 +78,40 @@ class _ZukoAdapter(torch.nn.Module):
         return self.flow().log_prob(x)
 
 
+class SwappedSpline(Transformer):
+    r"""A transformer used backwards: :math:`h = g^{-1}` for a spline :math:`g`.
+
+    pyroflows' layers put the transformer :math:`g` in the generative
+    direction (:math:`x = g(z)`), so scoring data evaluates :math:`g^{-1}`;
+    zuko and nflows put the rational-quadratic spline in the normalizing
+    direction (:math:`z = g(x)`).  Wrapping the spline in this class gives
+    pyroflows' ``nsf``/``maf`` the zuko/nflows direction (the model family
+    changes: the inverse of a rational-quadratic spline is not one).
+    """
+
+    def __init__(self, base: Transformer):
+        self.base = base
+        self.num_params = base.num_params
+
+    def forward(self, x, params):
+        y, ladj = self.base.inverse(x, params)  # y = g^{-1}(x); log h'(x) = -log g'(y)
+        return y, -ladj
+
+    def inverse(self, y, params):
+        x, ladj = self.base.forward(y, params)  # x = h^{-1}(y) = g(y); log h'(x) = -log g'(y)
+        return x, -ladj
+
+    def identity_params(self):
+        return self.base.identity_params()
+
+    def __repr__(self):
+        return f"SwappedSpline({self.base!r})"
+
+
+def _swapped_rq():
+    return SwappedSpline(make_transformer("rq_spline", 8, 5.0))
+
+
 def _zuko_nsf():
     import zuko
 
@@ -89,8 +124,12 @@ MODELS = {
     "zuko_nsf": _zuko_nsf,
     # coupling RQ spline, 5 layers, 8 bins, bound 5: 28,915
     "nsf": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0),
+    # the same, with the spline in the normalizing direction (zuko/nflows convention): 28,915
+    "nsf_swap": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), kind=_swapped_rq()),
     # MAF with RQ-spline transformers, 4 layers (the same structure as zuko's NSF): 29,368
     "maf": lambda: flows.maf(2, num_layers=4, hidden=(64, 64), kind="rq_spline", bins=8, bound=5.0),
+    # the same, with the spline in the normalizing direction: exactly zuko's NSF architecture: 29,368
+    "maf_swap": lambda: flows.maf(2, num_layers=4, hidden=(64, 64), kind=_swapped_rq()),
     # affine couplings, 6 layers of width 67: 28,956
     "realnvp": lambda: flows.realnvp(2, num_layers=6, hidden=(67, 67)),
     # 6 contractive residual blocks of width 67, series log-det (5 terms) in training: 29,370
@@ -305,6 +344,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality_2d.md")
     p.add_argument("--img-dir", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--notes", type=Path, default=None, help="markdown file appended under the tables")
+    p.add_argument("--report-only", action="store_true", help="only rewrite --out from --results (and --notes)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     densities = [d for d in args.densities.split(",") if d]
@@ -319,6 +359,10 @@ def main(argv=None):
         commands = list(dict.fromkeys(r.get("command", "") for r in rows))
         notes = args.notes.read_text() if args.notes is not None and args.notes.exists() else ""
         write_markdown(rows, args.out, commands, args.img_dir, notes)
+
+    if args.report_only:
+        refresh()
+        return
 
     def on_row(row):
         row["command"] = command
