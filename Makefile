@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pyroflows-installed
 TORCH_PIN := torch==2.13.0
 export OMP_NUM_THREADS ?= 2
+# a private compile cache per checkout (a shared /tmp cache breaks parallel runs)
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
 .PHONY: demo test lint docs bench clean
 

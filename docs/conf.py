@@ -109,6 +109,7 @@ TOUR = [
     ("16.4.2", "Synthesis (images)", ["pyroflows.transforms.image", "pyroflows.plot"], None),
     ("16.4.3", "Approximating other density models (distillation)", ["pyroflows.infer"], None),
     ("16.5", "Variational inference with flows (SVI guides)", ["pyroflows.infer"], None),
+    ("16.5", "Classic VAE posteriors: planar, radial, Sylvester", ["pyroflows.transforms.planar"], None),
 ]
 
 

@@ -4,4 +4,4 @@ from . import flows, nn, transforms
 from .flow import Flow
 
 __version__ = "0.1.0"
-__all__ = ["Flow", "flows", "nn", "transforms", "__version__"]
+__all__ = ["Flow", "__version__", "flows", "nn", "transforms"]

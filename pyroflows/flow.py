@@ -89,7 +89,7 @@ class Flow(nn.Module):
             raise TypeError(f"base must be None, an nn.Module or a Distribution, got {type(base).__name__}")
 
     # ------------------------------------------------------------------
-    def base_distribution(self, batch_shape=torch.Size()):
+    def base_distribution(self, batch_shape=()):
         """The base density :math:`p_0`, expanded to ``batch_shape``."""
         n = len(self.event_shape)
         if self._base_kind == "normal":
@@ -154,12 +154,12 @@ class Flow(nn.Module):
         self.check_input(x)
         return self(context).log_prob(x)
 
-    def sample(self, sample_shape=torch.Size(), context: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw samples without gradients."""
         with torch.no_grad():
             return self(context).sample(torch.Size(sample_shape))
 
-    def rsample(self, sample_shape=torch.Size(), context: torch.Tensor | None = None) -> torch.Tensor:
+    def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw reparametrised samples (differentiable in the parameters)."""
         return self(context).rsample(torch.Size(sample_shape))
 

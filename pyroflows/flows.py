@@ -5,8 +5,11 @@
 
 Coupling architectures alternate which half is transformed (free) and put a
 fixed random permutation between consecutive layers when ``input_dim > 2``
-(``mixing="permute"``) so every pair of dimensions eventually interacts;
-``mixing="alternate"`` uses the alternating halves alone (fastest).
+(``mixing="permute"``, free) so every pair of dimensions eventually
+interacts; ``mixing="lu"`` puts a learned LU linear layer there instead (Glow's
+generalised permutation, Kingma & Dhariwal 2018; one D x D matmul, and a
+triangular solve when sampling); ``mixing="alternate"`` uses the alternating
+halves alone (fastest).
 Autoregressive architectures alternate the MADE ordering (natural,
 reversed), which costs nothing.
 """
@@ -14,6 +17,7 @@ reversed), which costs nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Sequence as _Sequence
 
 from .flow import Flow
 from .nn import MADE
@@ -25,7 +29,10 @@ from .transforms.autoregressive import (
 )
 from .transforms.coupling import DEFAULT_SPLINE, build_coupling
 from .transforms.elementwise import check_input_dim, elementwise
+from .transforms.linear import lu
 from .transforms.permutation import permute
+from .transforms.transformers import Transformer, make_transformer
+from .flow import Flow as _Flow
 from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
 from .transforms.planar import ConditionalRadial as _ConditionalRadial
 from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
@@ -33,9 +40,8 @@ from .transforms.planar import Planar as _Planar
 from .transforms.planar import Radial as _Radial
 from .transforms.planar import Sylvester as _Sylvester
 from .transforms.residual import InvertibleResidual as _InvertibleResidual
-from .transforms.transformers import Transformer, make_transformer
 
-__all__ = ["iaf", "iresnet", "maf", "nice", "nsf", "planar", "radial", "realnvp", "residual_flow", "sylvester"]
+__all__ = ["iaf", "maf", "nice", "nsf", "realnvp"]
 
 
 def _check(input_dim, num_layers):
@@ -48,12 +54,14 @@ def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound
     _check(input_dim, num_layers)
     if input_dim < 2:
         raise ValueError(f"coupling flows need input_dim >= 2, got {input_dim}; use maf/iaf or an elementwise flow")
-    if mixing not in ("permute", "alternate"):
-        raise ValueError(f"mixing must be 'permute' or 'alternate', got {mixing!r}")
+    if mixing not in ("permute", "lu", "alternate"):
+        raise ValueError(f"mixing must be 'permute', 'lu' or 'alternate', got {mixing!r}")
     layers = []
     for i in range(num_layers):
         if i > 0 and mixing == "permute" and input_dim > 2:
             layers.append(permute(input_dim, seed=i))
+        elif i > 0 and mixing == "lu":
+            layers.append(lu(input_dim, seed=i))
         layers.append(build_coupling(input_dim, kind, bins, bound, hidden, i % 2, None, context_dim))
     if final is not None:
         layers.append(final)
@@ -123,53 +131,55 @@ def iaf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64)
 # Residual flows and the classic VAE-posterior flows (planar, radial, Sylvester)
 # ----------------------------------------------------------------------------
 
+__all__ += ["iresnet", "planar", "radial", "residual_flow", "sylvester"]
+
 
 def _no_context(name, context_dim):
     if context_dim is not None:
         raise ValueError(f"{name} has no conditional version (context_dim must be None)")
 
 
-def iresnet(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64), coeff: float = 0.9,
-            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> Flow:
+def iresnet(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64), coeff: float = 0.9,
+            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> _Flow:
     r"""i-ResNet (Behrmann et al. 2019): ``num_blocks`` :class:`InvertibleResidual` blocks
     with the truncated power-series log-det (biased; pass ``log_det="exact"`` in
     low dimensions).  Scoring is the cheap direction (one residual pass per
     block); sampling solves a fixed point per block."""
     _no_context("iresnet", context_dim)
     kw.setdefault("cheap", "inverse")
-    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
+    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def residual_flow(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64),
+def residual_flow(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64),
                   coeff: float = 0.98, log_det: str = "roulette", n_exact_terms: int = 2,
-                  context_dim: int | None = None, **kw) -> Flow:
+                  context_dim: int | None = None, **kw) -> _Flow:
     r"""Residual Flow (Chen et al. 2019): :class:`InvertibleResidual` blocks with LipSwish,
     the unbiased Russian-roulette log-det and its Neumann-series gradient.
     Scoring is the cheap direction; sampling solves a fixed point per block."""
     _no_context("residual_flow", context_dim)
     kw.setdefault("cheap", "inverse")
-    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
+    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
                                                n_exact_terms=n_exact_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
+def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
     """A stack of planar layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
-    return Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return _Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
+    return _Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
-def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
+def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
     """A stack of radial layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
-    return Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return _Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
+    return _Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
 def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
-              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> Flow:
+              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> _Flow:
     """A stack of Sylvester layers (van den Berg et al. 2018); the triangular variant
     alternates the identity and the reversal permutation.  Conditional with ``context_dim``."""
     layers = []
@@ -180,4 +190,4 @@ def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
             layers.append(_Sylvester(input_dim, num_vectors, variant, **kw))
         else:
             layers.append(_ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw))
-    return Flow(layers)
+    return _Flow(layers)

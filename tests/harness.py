@@ -107,7 +107,7 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
 
 
 def event_shape_of(layer, case: Case):
-    return torch.Size(getattr(layer, "event_shape"))
+    return torch.Size(layer.event_shape)
 
 
 def sample_domain(constraint, shape, generator=None) -> torch.Tensor:

@@ -155,3 +155,28 @@ def test_conditional_context_shape_is_checked():
     layer = CountingConditionalShift(context_dim=2)
     with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
         layer.condition(torch.randn(4, 3))
+
+
+def test_cache_follows_dtype_changes():
+    layer = CountingAffine()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        layer(x)
+        layer.double()
+        xd = x.double()
+        y = layer(xd)
+    assert y.dtype == torch.float64 and layer.calls["forward"] == 2
+    assert all(t.dtype == torch.float64 for t in layer._cache_dependencies())
+
+
+def test_deepcopy_after_backward_drops_the_cached_pass():
+    import copy
+
+    layer = CountingAffine()
+    flow = Flow([layer])
+    (-flow.log_prob(torch.randn(8, 3)).sum()).backward()
+    d = flow()
+    d.log_prob(d.rsample())
+    twin = copy.deepcopy(flow)
+    x = torch.randn(5, 3)
+    assert torch.equal(twin.log_prob(x), flow.log_prob(x))

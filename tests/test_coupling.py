@@ -94,11 +94,7 @@ def test_conditional_output_depends_on_context():
     assert torch.allclose(layer.inverse(y1, c1)[0], x, atol=1e-10)
 
 
-# PiecewiseLinear has no minimum bin mass: for conditioner outputs ~1e4 a softmax mass underflows to 0 and
-# log g' = -inf.  To be fixed in transformers.py (a minimum bin mass, as nflows' min_bin_width).
-UNDERFLOWS = {"piecewise_linear"}
-KINDS_LARGE = [pytest.param(k, marks=pytest.mark.xfail(reason="no minimum bin mass in the transformer"))
-               if k in UNDERFLOWS else k for k in sorted(KINDS)]
+KINDS_LARGE = sorted(KINDS)
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])

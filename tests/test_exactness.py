@@ -162,11 +162,20 @@ def test_density_integrates_to_one(case: Case, dim: int):
             qlo, qhi = torch.quantile(s, 1e-4, dim=0), torch.quantile(s, 1 - 1e-4, dim=0)
             span = qhi - qlo
             lo, hi = qlo - 0.75 * span - 1.0, qhi + 0.75 * span + 1.0
+
+        def midpoint_rule(n):
+            axes = [lo[i] + (hi[i] - lo[i]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+                    for i in range(dim)]
+            cell = torch.prod((hi - lo) / n)
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim)
+            return sum(d.log_prob(chunk).exp().sum() for chunk in grid.split(200000)) * cell
+
         n = 40000 if dim == 1 else 1200
-        axes = [lo[i] + (hi[i] - lo[i]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n for i in range(dim)]
-        cell = torch.prod((hi - lo) / n)
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, dim)
-        total = sum(d.log_prob(chunk).exp().sum() for chunk in grid.split(200000)) * cell
+        total = midpoint_rule(n)
+        if abs(total.item() - 1.0) > 1e-3 and dim == 2:
+            # a density with jumps (piecewise-linear layers) converges only at O(h) in 2-D:
+            # refine the grid once and judge the finer, more accurate estimate
+            total = midpoint_rule(2 * n)
     assert abs(total.item() - 1.0) <= 1e-3, f"{case} in {dim}-D integrates to {total.item()}"
 
 

@@ -13,6 +13,7 @@ ARCHS = {
     "realnvp": flows.realnvp,
     "nsf": flows.nsf,
     "nsf_autoregressive": lambda d, **kw: flows.nsf(d, autoregressive=True, **kw),
+    "realnvp_lu": lambda d, **kw: flows.realnvp(d, mixing="lu", **kw),
     "maf": flows.maf,
     "iaf": flows.iaf,
 }

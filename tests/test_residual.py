@@ -154,7 +154,8 @@ def test_fixed_point_inverse_and_its_gradient(cheap):
     assert torch.autograd.gradcheck(lambda t: solve(t)[0], (v.clone().requires_grad_(),))
     # parameter gradient: the implicit-function value (I + J)^{-1} (-dg/dtheta)
     w = layer.g[0].weight
-    loss = lambda: (solve(v)[0] ** 2).sum()
+    def loss():
+        return (solve(v)[0] ** 2).sum()
     (grad,) = torch.autograd.grad(loss(), w)
     e = torch.zeros_like(w)
     e[0, 1] = 1e-6

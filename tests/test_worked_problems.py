@@ -14,6 +14,7 @@ from torch.distributions import TransformedDistribution, Uniform
 from torch.distributions.transforms import PowerTransform
 
 import pyroflows.transforms as T
+from pyroflows.transforms.transformers import MIN_BIN_SIZE
 from pyroflows import Flow
 
 f64 = torch.float64
@@ -94,10 +95,10 @@ def test_16_7_leaky_relu_inverse_and_jacobian():
 
 def test_16_8_piecewise_linear_jacobian_is_k_times_bin_mass():
     K = 4
-    q = _t([0.1, 0.2, 0.3, 0.4])  # bin masses, q = softmax(theta)
+    q = _t([0.1, 0.2, 0.3, 0.4])  # bin masses, q = m + (1 - K m) softmax(theta)
     layer = T.piecewise_linear(1, bins=K).double()
     with torch.no_grad():
-        layer.params.copy_(q.log().unsqueeze(0))
+        layer.params.copy_(((q - MIN_BIN_SIZE) / (1 - K * MIN_BIN_SIZE)).log().unsqueeze(0))
     h = _t([0.05, 0.30, 0.55, 0.90])  # one point in each bin b = 0, 1, 2, 3
     # h' = sum_{k<b} q_k + (K h - b) q_b
     expected = _t([0.0 + 0.2 * 0.1,

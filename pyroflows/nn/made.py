@@ -67,10 +67,6 @@ class MaskedLinear(nn.Linear):
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.clone())
-        # rescale the default init to the number of inputs a unit really sees
-        with torch.no_grad():
-            fan_in = mask.sum(1, keepdim=True).clamp(min=1.0)
-            self.weight.mul_((in_features / fan_in).sqrt())
 
     def forward(self, x):
         return F.linear(x, self.weight * self.mask, self.bias)
@@ -116,7 +112,8 @@ class MADE(nn.Module):
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(degs):
             layers.append(MaskedLinear(connectivity(a, b, strict=False)))
-        self.hidden_layers = nn.ModuleList(layers)
+        self.input_layer = layers[0]
+        self.hidden_layers = nn.ModuleList(layers[1:])
         self.activation = activation()
         deg_out = deg_in.repeat_interleave(num_params)  # output index d * P + p has degree m(d)
         self.output_layer = MaskedLinear(connectivity(degs[-1], deg_out, strict=True))
@@ -127,14 +124,13 @@ class MADE(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Parameters of shape ``(*batch, D, P)``; row ``d`` depends on ``x[..., <d]`` in the ordering."""
-        layers = self.hidden_layers
-        h = layers[0](x)
+        h = self.input_layer(x)
         if self.context_layer is not None:
             if context is None:
                 raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
             h = h + self.context_layer(context)
         h = self.activation(h)
-        for layer in layers[1:]:
+        for layer in self.hidden_layers:
             h = self.activation(layer(h))
         out = self.output_layer(h)
         return out.unflatten(-1, (self.input_dim, self.num_params))

@@ -12,8 +12,8 @@ import importlib as _importlib
 
 from .base import Bijector, ConditionalBijector, ConditionedBijector
 
-_FAMILIES = ["elementwise", "linear", "normalization", "permutation", "coupling", "autoregressive",
-             "residual", "planar"]
+_FAMILIES = ["elementwise", "linear", "normalization", "residual", "planar", "permutation", "coupling",
+             "autoregressive"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:

@@ -28,7 +28,7 @@ import torch
 
 from ..nn import MADE
 from .base import Bijector, ConditionalBijector
-from .coupling import DEFAULT_SPLINE
+from .coupling import DEFAULT_SPLINE, default_hidden
 from .elementwise import check_input_dim
 from .transformers import Transformer, make_transformer
 
@@ -186,12 +186,13 @@ class ConditionalInverseAutoregressive(_AutoregressiveMath, ConditionalBijector)
 def _build(cls, input_dim, kind, bins, bound, hidden, order, seed, context_dim=None):
     check_input_dim(input_dim)
     transformer = make_transformer(kind, bins, bound)
+    hidden = default_hidden(input_dim) if hidden is None else hidden
     made = MADE(input_dim, transformer.num_params, hidden, context_dim=context_dim, order=order, seed=seed)
     return cls(transformer, made)
 
 
 def masked_autoregressive(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
-                          bound: float = 5.0, hidden: Sequence[int] = (64, 64), order=None,
+                          bound: float = 5.0, hidden: Sequence[int] | None = None, order=None,
                           seed: int | None = None) -> MaskedAutoregressive:
     """A :class:`MaskedAutoregressive` (MAF) layer with any transformer ``kind``;
     ``order`` is the MADE ordering (``None``/"natural", "reverse", "random" with ``seed``)."""
@@ -199,19 +200,19 @@ def masked_autoregressive(input_dim: int, kind: str | Transformer = "affine", bi
 
 
 def inverse_autoregressive(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
-                           bound: float = 5.0, hidden: Sequence[int] = (64, 64), order=None,
+                           bound: float = 5.0, hidden: Sequence[int] | None = None, order=None,
                            seed: int | None = None) -> InverseAutoregressive:
     """An :class:`InverseAutoregressive` (IAF) layer with any transformer ``kind``."""
     return _build(InverseAutoregressive, input_dim, kind, bins, bound, hidden, order, seed)
 
 
-def affine_autoregressive(input_dim: int, hidden: Sequence[int] = (64, 64), order=None,
+def affine_autoregressive(input_dim: int, hidden: Sequence[int] | None = None, order=None,
                           seed: int | None = None) -> MaskedAutoregressive:
     """The affine MAF layer of Papamakarios et al. (2017)."""
     return _build(MaskedAutoregressive, input_dim, "affine", 8, 5.0, hidden, order, seed)
 
 
-def spline_autoregressive(input_dim: int, bins: int = 8, bound: float = 5.0, hidden: Sequence[int] = (64, 64),
+def spline_autoregressive(input_dim: int, bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
                           order=None, seed: int | None = None) -> MaskedAutoregressive:
     """The autoregressive neural spline flow layer (Durkan et al., 2019), MAF direction, with the
     default spline (:data:`~pyroflows.transforms.coupling.DEFAULT_SPLINE`); other kinds:
@@ -220,28 +221,28 @@ def spline_autoregressive(input_dim: int, bins: int = 8, bound: float = 5.0, hid
 
 
 def conditional_masked_autoregressive(input_dim: int, context_dim: int, kind: str | Transformer = "affine",
-                                      bins: int = 8, bound: float = 5.0, hidden: Sequence[int] = (64, 64),
+                                      bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
                                       order=None, seed: int | None = None) -> ConditionalMaskedAutoregressive:
     """Conditional twin of :func:`masked_autoregressive`."""
     return _build(ConditionalMaskedAutoregressive, input_dim, kind, bins, bound, hidden, order, seed, context_dim)
 
 
 def conditional_inverse_autoregressive(input_dim: int, context_dim: int, kind: str | Transformer = "affine",
-                                       bins: int = 8, bound: float = 5.0, hidden: Sequence[int] = (64, 64),
+                                       bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
                                        order=None, seed: int | None = None) -> ConditionalInverseAutoregressive:
     """Conditional twin of :func:`inverse_autoregressive`."""
     return _build(ConditionalInverseAutoregressive, input_dim, kind, bins, bound, hidden, order, seed,
                   context_dim)
 
 
-def conditional_affine_autoregressive(input_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64),
+def conditional_affine_autoregressive(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
                                       order=None, seed: int | None = None) -> ConditionalMaskedAutoregressive:
     """Conditional twin of :func:`affine_autoregressive`."""
     return _build(ConditionalMaskedAutoregressive, input_dim, "affine", 8, 5.0, hidden, order, seed, context_dim)
 
 
 def conditional_spline_autoregressive(input_dim: int, context_dim: int, bins: int = 8, bound: float = 5.0,
-                                      hidden: Sequence[int] = (64, 64), order=None,
+                                      hidden: Sequence[int] | None = None, order=None,
                                       seed: int | None = None) -> ConditionalMaskedAutoregressive:
     """Conditional twin of :func:`spline_autoregressive`."""
     return _build(ConditionalMaskedAutoregressive, input_dim, DEFAULT_SPLINE, bins, bound, hidden, order, seed,

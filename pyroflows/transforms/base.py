@@ -41,7 +41,7 @@ __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 class _Pass:
     """One cached pass: the pair (x, y), its log-det and a validity key."""
 
-    __slots__ = ("x", "y", "ladj", "key", "valid", "__weakref__")
+    __slots__ = ("__weakref__", "key", "ladj", "valid", "x", "y")
 
     def __init__(self, x, y, ladj, key):
         self.x, self.y, self.ladj, self.key, self.valid = x, y, ladj, key, True
@@ -131,12 +131,40 @@ class _CachedPasses:
             return entry.ladj
         return self._forward_pass(x)[1]
 
+    def __getstate__(self):
+        # a cached pass holds tensors of a live autograd graph: never copy or pickle it
+        state = super().__getstate__()
+        state.pop("_pass", None)
+        state.pop("_deps", None)
+        return state
+
     def clear_cache(self):
         """Forget the cached pass (never needed for correctness)."""
         self._pass = None
 
 
-class Bijector(_CachedPasses, TransformModule):
+class _TensorList:
+    """The parameters and buffers of a layer, listed once (walking the module
+    tree on every pass is measurable) until its tensors are replaced
+    (``_apply``: ``.to()``, ``.double()``, ...) or an attribute is reassigned."""
+
+    def _cache_dependencies(self):
+        deps = self.__dict__.get("_deps")
+        if deps is None:
+            deps = self.__dict__["_deps"] = (*self.parameters(), *self.buffers())
+        return deps
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_deps", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, (torch.Tensor, torch.nn.Module)):
+            self.__dict__.pop("_deps", None)
+        super().__setattr__(name, value)
+
+
+class Bijector(_CachedPasses, _TensorList, TransformModule):
     r"""Base class of every pyroflows layer: a Pyro ``TransformModule``.
 
     Subclasses implement
@@ -175,10 +203,6 @@ class Bijector(_CachedPasses, TransformModule):
     def _inverse_pass(self, y):
         return self.inverse(y)
 
-    def _cache_dependencies(self):
-        yield from self.parameters()
-        yield from self.buffers()
-
     def _training_flag(self):
         return self.training
 
@@ -193,7 +217,7 @@ class Bijector(_CachedPasses, TransformModule):
     __repr__ = torch.nn.Module.__repr__
 
 
-class ConditionalBijector(ConditionalTransformModule):
+class ConditionalBijector(_TensorList, ConditionalTransformModule):
     r"""Base class of every conditional pyroflows layer.
 
     Subclasses implement ``forward(x, context)`` and ``inverse(y, context)``
@@ -262,9 +286,7 @@ class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
         return self.parent.inverse(y, self.context)
 
     def _cache_dependencies(self):
-        yield from self.parent.parameters()
-        yield from self.parent.buffers()
-        yield self.context
+        return (*self.parent._cache_dependencies(), self.context)
 
     def _training_flag(self):
         return self.parent.training

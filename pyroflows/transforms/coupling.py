@@ -53,6 +53,12 @@ def half_mask(input_dim: int, parity: int = 0) -> torch.Tensor:
     return first if parity % 2 == 0 else ~first
 
 
+def default_hidden(input_dim: int) -> tuple[int, int]:
+    """Default conditioner widths of the layer helpers: two hidden layers of ``max(32, 10 * D)`` units
+    (Pyro scales its defaults with ``D`` the same way)."""
+    return (max(32, 10 * input_dim),) * 2
+
+
 def _as_range(idx: torch.Tensor):
     """``(start, stop)`` if ``idx`` is a run of consecutive integers, else ``None``."""
     start = int(idx[0])
@@ -192,14 +198,15 @@ def build_coupling(input_dim, kind, bins, bound, hidden, parity=0, mask=None, co
         raise ValueError(f"mask has {mask.numel()} entries but input_dim is {input_dim}")
     transformer = make_transformer(kind, bins, bound)
     n_a = int(mask.sum())
-    net = MLP(n_a + (context_dim or 0), (input_dim - n_a) * transformer.num_params, hidden)
+    net = MLP(n_a + (context_dim or 0), (input_dim - n_a) * transformer.num_params,
+              default_hidden(input_dim) if hidden is None else hidden)
     if context_dim is None:
         return Coupling(transformer, net, mask)
     return ConditionalCoupling(transformer, net, mask, context_dim)
 
 
 def spline_coupling(input_dim: int, kind: str | Transformer = DEFAULT_SPLINE, bins: int = 8,
-                    bound: float = 5.0, hidden: Sequence[int] = (64, 64), parity: int = 0,
+                    bound: float = 5.0, hidden: Sequence[int] | None = None, parity: int = 0,
                     mask=None) -> Coupling:
     """A :class:`Coupling` layer with any transformer ``kind`` (default: the
     rational-quadratic spline, the coupling NSF of Durkan et al. 2019) and an
@@ -208,30 +215,30 @@ def spline_coupling(input_dim: int, kind: str | Transformer = DEFAULT_SPLINE, bi
     return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, None)
 
 
-def affine_coupling(input_dim: int, hidden: Sequence[int] = (64, 64), parity: int = 0, mask=None) -> Coupling:
+def affine_coupling(input_dim: int, hidden: Sequence[int] | None = None, parity: int = 0, mask=None) -> Coupling:
     """The RealNVP affine coupling layer (Dinh et al., 2017): ``spline_coupling(kind="affine")``."""
     return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, None)
 
 
-def additive_coupling(input_dim: int, hidden: Sequence[int] = (64, 64), parity: int = 0, mask=None) -> Coupling:
+def additive_coupling(input_dim: int, hidden: Sequence[int] | None = None, parity: int = 0, mask=None) -> Coupling:
     """The NICE additive (volume-preserving) coupling layer (Dinh et al., 2015)."""
     return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, None)
 
 
 def conditional_spline_coupling(input_dim: int, context_dim: int, kind: str | Transformer = DEFAULT_SPLINE,
-                                bins: int = 8, bound: float = 5.0, hidden: Sequence[int] = (64, 64),
+                                bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
                                 parity: int = 0, mask=None) -> ConditionalCoupling:
     """Conditional twin of :func:`spline_coupling` (context concatenated to the conditioner input)."""
     return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, context_dim)
 
 
-def conditional_affine_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64),
+def conditional_affine_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
                                 parity: int = 0, mask=None) -> ConditionalCoupling:
     """Conditional twin of :func:`affine_coupling`."""
     return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, context_dim)
 
 
-def conditional_additive_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] = (64, 64),
+def conditional_additive_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
                                   parity: int = 0, mask=None) -> ConditionalCoupling:
     """Conditional twin of :func:`additive_coupling`."""
     return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, context_dim)

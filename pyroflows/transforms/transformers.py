@@ -112,7 +112,9 @@ class PiecewiseLinear(Transformer):
 
     The neural-importance-sampling form (Müller et al., "Neural Importance
     Sampling", 2019): unconstrained :math:`\theta \in \mathbb{R}^K` give bin
-    masses :math:`q = \mathrm{softmax}(\theta)`, and on the unit square
+    masses :math:`q = m + (1 - Km)\,\mathrm{softmax}(\theta)` (at least
+    :math:`m` = ``MIN_BIN_SIZE`` each, so no mass underflows to zero and
+    :math:`\log g'` stays finite for any parameters), and on the unit square
 
     .. math::
 
@@ -125,15 +127,15 @@ class PiecewiseLinear(Transformer):
     """
 
     def __init__(self, bins: int = 8, lower: float = 0.0, upper: float = 1.0):
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+        if bins < 1 or bins * MIN_BIN_SIZE >= 1:
+            raise ValueError(f"bins must be in [1, {int(1 / MIN_BIN_SIZE) - 1}], got {bins}")
         if not upper > lower:
             raise ValueError(f"need lower < upper, got [{lower}, {upper}]")
         self.bins, self.lower, self.upper = int(bins), float(lower), float(upper)
         self.num_params = self.bins
 
     def _masses(self, params):
-        q = F.softmax(params, dim=-1)
+        q = _sizes(params)
         cum = F.pad(torch.cumsum(q, dim=-1), (1, 0))
         cum = torch.cat([cum[..., :-1], torch.ones_like(cum[..., -1:])], dim=-1)  # exact end point
         return q, cum
@@ -155,11 +157,15 @@ class PiecewiseLinear(Transformer):
         inside = (y >= self.lower) & (y <= self.upper)
         v = ((y - self.lower) / width).clamp(0.0, 1.0)
         q, cum = self._masses(params)
-        b = _bin_search(cum[..., 1:-1], v)
+        b = _bin_search(cum[..., 1:], v)
         qb, cb = _take(q, b.unsqueeze(-1)).squeeze(-1), _take(cum, b.unsqueeze(-1)).squeeze(-1)
         u = (b + (v - cb) / qb) / K
         x = torch.where(inside, self.lower + width * u, y)
-        ladj = torch.where(inside, torch.log(K * qb), torch.zeros_like(y))
+        # the log-det is the forward's at the recovered point: at a knot (where the
+        # slope jumps) take the bin the forward pass assigns to that x
+        b_fwd = torch.clamp((u * K).floor().long(), 0, K - 1)
+        q_fwd = _take(q, b_fwd.unsqueeze(-1)).squeeze(-1)
+        ladj = torch.where(inside, torch.log(K * q_fwd), torch.zeros_like(y))
         return x, ladj
 
     def __repr__(self):
@@ -188,41 +194,49 @@ def _sizes(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
     return min_size + (1.0 - K * min_size) * torch.softmax(raw, dim=-1)
 
 
-def _inner_knots(sizes: torch.Tensor) -> torch.Tensor:
-    """The ``K - 1`` interior knots on ``[0, 1]`` of bins of ``sizes`` (..., K); the
-    end knots 0 and 1 are filled in exactly by :func:`_fill_ends`."""
-    return torch.cumsum(sizes[..., :-1], dim=-1)
+def _right_edges(raw: torch.Tensor, min_size: float = MIN_BIN_SIZE) -> torch.Tensor:
+    r"""Knots ``1..K`` on ``[0, 1]`` (the right edges of the bins) of bins of
+    :func:`_sizes` ``(raw)``: :math:`k m + (1 - Km) \sum_{j<k}
+    \mathrm{softmax}(\theta)_j` in three passes (softmax, cumsum, one fused
+    affine).  ``[..., :-1]`` are the interior knots; the last one is 1 up to
+    rounding and is replaced by exactly 1 in :func:`_fill_ends` (no slicing
+    here, so the backward pass allocates nothing extra)."""
+    K = raw.shape[-1]
+    base = min_size * torch.arange(1, K + 1, dtype=raw.dtype, device=raw.device)
+    return torch.add(base, torch.cumsum(torch.softmax(raw, dim=-1), dim=-1), alpha=1.0 - K * min_size)
 
 
-def _bin_search(inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bin index ``k`` in ``0..K-1`` of ``v`` given the interior knots ``inner`` (..., K-1).
+def _bin_search(edges: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bin index ``k`` in ``0..K-1`` of ``v`` given the right edges ``edges`` (..., K) of the bins.
 
-    Counts the knots at or below ``v``: a broadcasting comparison, no boolean
-    indexing and no copies when ``inner`` has a smaller batch shape than ``v``.
+    Counts the interior knots at or below ``v``: a broadcasting comparison, no
+    boolean indexing and no copies when ``edges`` has a smaller batch shape.
     """
-    return (v.unsqueeze(-1) >= inner).sum(-1)
+    return (v.unsqueeze(-1) >= edges[..., :-1]).sum(-1)
 
 
-def _neighbours(idx: torch.Tensor, bins: int) -> torch.Tensor:
-    """Positions (..., 2) in the interior-knot array of knots ``idx`` and ``idx + 1``,
-    clamped into range (the end knots are replaced by :func:`_fill_ends`)."""
-    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=bins - 2)), dim=-1)
+def _neighbours(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions (..., 2) of knots ``idx`` and ``idx + 1`` in an array of ``n``
+    values at knots ``1, 2, ...``, clamped into range (the end knots are set by
+    :func:`_fill_ends`)."""
+    return torch.stack(((idx - 1).clamp(min=0), idx.clamp(max=n - 1)), dim=-1)
 
 
-def _fill_ends(lo, hi, idx, bins: int, first, last):
-    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set to ``first`` / ``last``."""
-    return torch.where(idx == 0, first, lo), torch.where(idx == bins - 1, last, hi)
+def _fill_ends(lo, hi, ends, first, last):
+    """Knot values ``lo`` (at ``idx``) and ``hi`` (at ``idx + 1``) with the end knots set
+    to ``first`` / ``last``; ``ends = (idx == 0, idx == K - 1)``."""
+    return torch.where(ends[0], first, lo), torch.where(ends[1], last, hi)
 
 
-def _bin_ends(inner: torch.Tensor, idx: torch.Tensor, first, last):
-    """Values at knots ``idx`` and ``idx + 1`` from interior values ``inner`` (..., K-1)
-    and end values ``first`` / ``last`` (numbers or tensors): one gather."""
-    K = inner.shape[-1] + 1
-    if K == 1:
-        zero = torch.zeros_like(idx, dtype=inner.dtype)
+def _bin_ends(values: torch.Tensor, idx: torch.Tensor, bins: int, first, last):
+    """Values at knots ``idx`` and ``idx + 1`` from ``values`` (..., n) at knots
+    ``1..n`` (``n`` = ``K`` or ``K - 1``) and end values ``first`` / ``last``
+    (numbers or tensors): one gather."""
+    if values.shape[-1] == 0:
+        zero = torch.zeros_like(idx, dtype=values.dtype)
         return zero + first, zero + last
-    lo, hi = _take(inner, _neighbours(idx, K)).unbind(-1)
-    return _fill_ends(lo, hi, idx, K, first, last)
+    lo, hi = _take(values, _neighbours(idx, values.shape[-1])).unbind(-1)
+    return _fill_ends(lo, hi, (idx == 0, idx == bins - 1), first, last)
 
 
 def _take(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -238,24 +252,38 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
     ``fn(x)`` returns ``(value, derivative)``; the target is first clamped onto
     ``[fn(lo), fn(hi)]`` (rounding can put it just outside).  Each step shrinks the bracket
     at the current point, then takes the Newton step if it lands inside the
-    bracket and bisects otherwise (so a flat or badly scaled ``fn`` still
-    converges, at worst by bisection).  The loop runs without autograd; the
+    bracket and is at most half the previous step (or below a rounding floor
+    of ``16 eps`` times the bracket's scale), and bisects otherwise (the
+    rule of Numerical Recipes' ``rtsafe``: the steps shrink geometrically, and
+    Newton cycling across a flat or badly scaled ``fn`` falls back to
+    bisection).  The loop runs without autograd; the
     result gets the implicit-function gradient :math:`\partial x/\partial\cdot
     = -\partial(\mathrm{fn}(x) - \mathrm{target})/\partial\cdot \,/\, \mathrm{fn}'(x)`
     by one differentiable evaluation whose value contribution is exactly zero.
-    A fixed step count keeps it free of data-dependent control flow.
+    At most ``iters`` steps; eager mode stops early once every point has
+    converged, while under ``torch.compile`` the fixed count keeps the graph
+    free of data-dependent control flow.
     """
     with torch.no_grad():
         x, lo, hi = start.detach(), lo.detach(), hi.detach()
         # aim at the target clamped onto [fn(lo), fn(hi)], so that a root exists despite rounding
         t = torch.minimum(torch.maximum(target.detach(), fn(lo)[0]), fn(hi)[0])
+        step = hi - lo
+        # steps below ``tol`` (rounding noise at convergence) never trigger bisection
+        tol = 16 * torch.finfo(x.dtype).eps * (lo.abs() + hi.abs() + 1)
         for _ in range(iters):
             f, df = fn(x)
             err = f - t
             lo = torch.where(err <= 0, x, lo)
             hi = torch.where(err >= 0, x, hi)
             newton = x - err / df
-            x = torch.where((newton >= lo) & (newton <= hi), newton, 0.5 * (lo + hi))
+            ok = (newton >= lo) & (newton <= hi) & (2 * (newton - x).abs() <= torch.maximum(step, tol))
+            x_new = torch.where(ok, newton, 0.5 * (lo + hi))
+            step, x = (x_new - x).abs(), x_new
+            # eager only: stop once every step is below the rounding floor (a compiled
+            # graph runs all ``iters`` steps, keeping it free of data-dependent control flow)
+            if not torch.compiler.is_compiling() and bool((step <= tol).all()):
+                break
     f, df = fn(x)
     err = f - target
     tiny = torch.finfo(x.dtype).tiny
@@ -298,7 +326,7 @@ class _Spline(Transformer):
 
     def knot_positions(self, params: torch.Tensor) -> torch.Tensor:
         """The ``K + 1`` knots on the input axis, shape ``(..., D, K + 1)``, from ``-B`` to ``B``."""
-        inner = _inner_knots(_sizes(params[..., : self.bins]))
+        inner = _right_edges(params[..., : self.bins])[..., :-1]
         knots = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], dim=-1)
         return (2 * self.bound) * knots - self.bound
 
@@ -341,10 +369,10 @@ class PiecewiseQuadratic(_Spline):
         e = torch.exp(params[..., K:] - params[..., K:].amax(-1, keepdim=True))
         area = 0.5 * (e[..., :-1] + e[..., 1:]) * w
         scale = (1 - eps) / area.sum(-1, keepdim=True)
-        x_inner, y_inner = _inner_knots(w), _inner_knots(scale * area + eps * w)
-        idx = _bin_search(y_inner if inverse else x_inner, z)
-        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
-        y0, _ = _bin_ends(y_inner, idx, 0.0, 1.0)
+        x_edges, y_edges = torch.cumsum(w, dim=-1), torch.cumsum(scale * area + eps * w, dim=-1)
+        idx = _bin_search(y_edges if inverse else x_edges, z)
+        x0, x1 = _bin_ends(x_edges, idx, K, 0.0, 1.0)
+        y0, _ = _bin_ends(y_edges, idx, K, 0.0, 1.0)
         v0, v1 = (scale * _take(e, torch.stack((idx, idx + 1), dim=-1)) + eps).unbind(-1)
         return x0, x1 - x0, y0, v0, v1
 
@@ -388,9 +416,13 @@ class CubicSpline(_Spline):
     ``K`` width, ``K`` height logits and the 2 end-derivative logits
     (``2K + 2``); zeros are the identity.  The forward is cheap; the inverse
     solves the cubic in its bin by safeguarded Newton with bisection on ``t``
-    in ``[0, 1]`` (``iters`` = 30 steps: at worst bisection, a bracket of
-    :math:`2^{-30}` of the bin; in practice Newton reaches float precision in
-    a handful of steps).
+    in ``[0, 1]`` (``iters`` = 30 steps).  Measured round-trip error (8 bins,
+    parameters perturbed from the identity by :math:`\sigma` N(0, 1)):
+    float64 :math:`\le 4\cdot 10^{-14}` for :math:`\sigma \le 1` (Newton
+    converges in 6--8 steps) and :math:`\sim 10^{-9}` for :math:`\sigma = 2`
+    (some points need bisection); float32 :math:`\sim 10^{-6}` at
+    :math:`\sigma = 0.3`, up to :math:`10^{-4}` where slopes are near the
+    minimum (the conditioning of the inverse).
     """
 
     #: shift of the end-derivative logits so that 0 gives derivative ratio 1 (the identity)
@@ -408,11 +440,11 @@ class CubicSpline(_Spline):
         s0, s1, w0, w1 = s[..., :-1], s[..., 1:], w[..., :-1], w[..., 1:]
         d_inner = torch.minimum(torch.minimum(2 * s0, 2 * s1), (s0 * w1 + s1 * w0) / (w0 + w1))
         d_ends = s[..., [0, -1]] * (delta + (3 - 2 * delta) * torch.sigmoid(params[..., 2 * K :] + self._END_SHIFT))
-        x_inner, y_inner = _inner_knots(w), _inner_knots(h)
-        idx = _bin_search(y_inner if inverse else x_inner, z)
-        x0, x1 = _bin_ends(x_inner, idx, 0.0, 1.0)
-        y0, y1 = _bin_ends(y_inner, idx, 0.0, 1.0)
-        d0, d1 = _bin_ends(d_inner, idx, d_ends[..., 0], d_ends[..., 1])
+        x_edges, y_edges = torch.cumsum(w, dim=-1), torch.cumsum(h, dim=-1)
+        idx = _bin_search(y_edges if inverse else x_edges, z)
+        x0, x1 = _bin_ends(x_edges, idx, K, 0.0, 1.0)
+        y0, y1 = _bin_ends(y_edges, idx, K, 0.0, 1.0)
+        d0, d1 = _bin_ends(d_inner, idx, K, d_ends[..., 0], d_ends[..., 1])
         w = x1 - x0
         s = (y1 - y0) / w
         return x0, y0, w, d0, d0 + d1 - 2 * s, 3 * s - 2 * d0 - d1
@@ -477,15 +509,17 @@ class RationalQuadraticSpline(_Spline):
             one = torch.ones_like(z)
             return 0 * one, 0 * one, one, one, one, one, one
         # widths and heights together: one softmax, one cumsum, one gather
-        inner = _inner_knots(_sizes(params[..., : 2 * K].unflatten(-1, (2, K))))  # (..., 2, K-1)
-        idx = _bin_search(inner[..., int(inverse), :], z)
+        logits, raw_d = params.split((2 * K, K - 1), dim=-1)  # split: one concatenation in backward
+        edges = _right_edges(logits.unflatten(-1, (2, K)))  # (..., 2, K): widths and heights together
+        idx = _bin_search(edges[..., int(inverse), :], z)
         pair = _neighbours(idx, K)
-        knots = _take(inner, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
-        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], idx, K, 0.0, 1.0)
-        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], idx, K, 0.0, 1.0)
-        raw = _take(params[..., 2 * K :], pair)
+        ends = (idx == 0, idx == K - 1)
+        knots = _take(edges, pair.unsqueeze(-2).expand(*pair.shape[:-1], 2, 2))
+        x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], ends, 0.0, 1.0)
+        y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], ends, 0.0, 1.0)
+        raw = _take(raw_d, pair.clamp(max=K - 2))
         d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
-        d0, d1 = _fill_ends(d0, d1, idx, K, 1.0, 1.0)
+        d0, d1 = _fill_ends(d0, d1, ends, 1.0, 1.0)
         w, h = x1 - x0, y1 - y0
         return x0, y0, w, h, h / w, d0, d1
 
@@ -537,11 +571,13 @@ class LogisticMixtureCDF(Transformer):
     lies in :math:`[\min_k(\mu_k + s_k y), \max_k(\mu_k + s_k y)]` for any
     real :math:`y`; it is found by safeguarded Newton/bisection from the
     :math:`\pi`-weighted point of that bracket, ``iters`` = 40 steps (each a
-    full forward evaluation).  Bisection alone would leave a bracket of
-    :math:`2^{-40}` of its width (under :math:`10^{-10}` for :math:`|y|`,
-    :math:`|\mu|` of order 10); with Newton the measured round-trip error is
-    at float precision (:math:`\sim 10^{-15}` in float64, :math:`\sim 10^{-6}`
-    in float32 at 3 standard deviations).  Where the mixture is nearly flat
+    full evaluation).  Measured round-trip error relative to :math:`1 + |x|`
+    (8 components, parameters perturbed from the identity by :math:`\sigma`
+    N(0, 1), :math:`|x| \le 50`): float64 :math:`\sim 10^{-15}` for
+    :math:`\sigma \le 1` (Newton converges in under 10 steps),
+    :math:`10^{-10}` for :math:`\sigma = 2` (where some points need
+    bisection); float32 :math:`\sim 10^{-6}` for :math:`\sigma \le 1`.
+    Where the mixture is nearly flat
     (far-apart, narrow components) the inverse is ill conditioned in ``x``.
     """
 
