@@ -27,10 +27,13 @@ as each run finishes; the markdown table ``--out`` is regenerated from all
 lines in that file after every run, so several invocations (e.g. the slow
 residual flows in a second process) can share one table.
 
-Usage (the run reported in ``docs/bench_quality_2d.md``)::
+Usage (the runs reported in ``docs/bench_quality_2d.md``, two processes side by side)::
 
-    python benchmarks/quality_2d.py --steps 2000 --models zuko_nsf,nsf,maf,realnvp
-    python benchmarks/quality_2d.py --steps 2000 --models iresnet,residual_flow --densities two_moons
+    python benchmarks/quality_2d.py --steps 2000 --lr 3e-3 --models zuko_nsf,nsf,maf,realnvp
+    python benchmarks/quality_2d.py --steps 2000 --lr 3e-3 --models iresnet,residual_flow --densities two_moons
+    python benchmarks/quality_2d.py --steps 2000 --lr 3e-3 --models nsf_swap
+    python benchmarks/quality_2d.py --steps 2000 --lr 3e-3 --models maf_swap
+    python benchmarks/quality_2d.py --report-only --notes NOTES.md   # rewrite the table from --results
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pyroflows import flows
-from pyroflows.data import toy_density
-from pyroflows.transforms.transformers import Transformer, make_transformer
+from pyroflows import flows  # noqa: E402
+from pyroflows.data import toy_density  # noqa: E402
+from pyroflows.transforms.transformers import Transformer, make_transformer  # noqa: E402
 
 DENSITIES = ("eight_gaussians", "checkerboard", "rings", "two_moons")
 
