@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 from pyroflows import flows  # noqa: E402
 from pyroflows.data import toy_density  # noqa: E402
-from pyroflows.transforms.transformers import Transformer, make_transformer  # noqa: E402
+from pyroflows.transforms.transformers import Inverted, make_transformer  # noqa: E402
 
 DENSITIES = ("eight_gaussians", "checkerboard", "rings", "two_moons")
 
@@ -81,38 +81,9 @@ class _ZukoAdapter(torch.nn.Module):
         return self.flow().log_prob(x)
 
 
-class SwappedSpline(Transformer):
-    r"""A transformer used backwards: :math:`h = g^{-1}` for a spline :math:`g`.
-
-    pyroflows' layers put the transformer :math:`g` in the generative
-    direction (:math:`x = g(z)`), so scoring data evaluates :math:`g^{-1}`;
-    zuko and nflows put the rational-quadratic spline in the normalizing
-    direction (:math:`z = g(x)`).  Wrapping the spline in this class gives
-    pyroflows' ``nsf``/``maf`` the zuko/nflows direction (the model family
-    changes: the inverse of a rational-quadratic spline is not one).
-    """
-
-    def __init__(self, base: Transformer):
-        self.base = base
-        self.num_params = base.num_params
-
-    def forward(self, x, params):
-        y, ladj = self.base.inverse(x, params)  # y = g^{-1}(x); log h'(x) = -log g'(y)
-        return y, -ladj
-
-    def inverse(self, y, params):
-        x, ladj = self.base.forward(y, params)  # x = h^{-1}(y) = g(y); log h'(x) = -log g'(y)
-        return x, -ladj
-
-    def identity_params(self):
-        return self.base.identity_params()
-
-    def __repr__(self):
-        return f"SwappedSpline({self.base!r})"
-
-
 def _swapped_rq():
-    return SwappedSpline(make_transformer("rq_spline", 8, 5.0))
+    """The RQ spline in the normalizing direction (zuko/nflows convention)."""
+    return Inverted(make_transformer("rq_spline", 8, 5.0))
 
 
 def _zuko_nsf():
@@ -126,9 +97,10 @@ MODELS = {
     # zuko's NSF: 4 masked-autoregressive RQ-spline transforms, 8 bins, bound 5: 29,368
     "zuko_nsf": _zuko_nsf,
     # coupling RQ spline, 5 layers, 8 bins, bound 5: 28,915
-    "nsf": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0),
-    # the same, with the spline in the normalizing direction (zuko/nflows convention): 28,915
-    "nsf_swap": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), kind=_swapped_rq()),
+    # (spline in the generative direction; before nsf's default became the normalizing one)
+    "nsf": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0, direction="generative"),
+    # the same, with the spline in the normalizing direction (zuko/nflows convention; nsf's default now): 28,915
+    "nsf_swap": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0, direction="normalizing"),
     # MAF with RQ-spline transformers, 4 layers (the same structure as zuko's NSF): 29,368
     "maf": lambda: flows.maf(2, num_layers=4, hidden=(64, 64), kind="rq_spline", bins=8, bound=5.0),
     # the same, with the spline in the normalizing direction: exactly zuko's NSF architecture: 29,368

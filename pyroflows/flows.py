@@ -17,7 +17,6 @@ reversed), which costs nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from collections.abc import Sequence as _Sequence
 
 from .flow import Flow
 from .nn import MADE
@@ -31,8 +30,7 @@ from .transforms.coupling import DEFAULT_SPLINE, build_coupling
 from .transforms.elementwise import check_input_dim, elementwise
 from .transforms.linear import lu
 from .transforms.permutation import permute
-from .transforms.transformers import Transformer, make_transformer
-from .flow import Flow as _Flow
+from .transforms.transformers import Inverted, Transformer, make_transformer
 from .transforms.planar import ConditionalPlanar as _ConditionalPlanar
 from .transforms.planar import ConditionalRadial as _ConditionalRadial
 from .transforms.planar import ConditionalSylvester as _ConditionalSylvester
@@ -86,11 +84,20 @@ def realnvp(input_dim: int, *, num_layers: int = 6, hidden: Sequence[int] = (64,
 def nsf(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
         context_dim: int | None = None, bins: int = 8, bound: float = 5.0,
         kind: str | Transformer = DEFAULT_SPLINE, autoregressive: bool = False,
-        mixing: str = "permute") -> Flow:
+        mixing: str = "permute", direction: str = "normalizing") -> Flow:
     """Neural spline flow (Durkan et al., 2019): spline couplings (both directions one
     pass per layer), or with ``autoregressive=True`` MAF layers with spline
     transformers (one-pass density, sequential sampling).  1-D inputs use the
-    autoregressive form (a coupling cannot split one dimension)."""
+    autoregressive form (a coupling cannot split one dimension).
+
+    ``direction="normalizing"`` (default) applies the spline on the scoring side,
+    data to base (:class:`~pyroflows.transforms.transformers.Inverted`), as zuko
+    and nflows do; it fits the 2-D toy densities better than
+    ``direction="generative"`` (``docs/bench_quality_2d.md``)."""
+    if direction not in ("normalizing", "generative"):
+        raise ValueError(f"direction must be 'normalizing' or 'generative', got {direction!r}")
+    if direction == "normalizing":
+        kind = Inverted(make_transformer(kind, bins, bound))
     if autoregressive or input_dim == 1:
         return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
                                     num_layers, hidden, context_dim, bins, bound)
@@ -139,47 +146,47 @@ def _no_context(name, context_dim):
         raise ValueError(f"{name} has no conditional version (context_dim must be None)")
 
 
-def iresnet(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64), coeff: float = 0.9,
-            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> _Flow:
+def iresnet(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64), coeff: float = 0.9,
+            log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> Flow:
     r"""i-ResNet (Behrmann et al. 2019): ``num_blocks`` :class:`InvertibleResidual` blocks
     with the truncated power-series log-det (biased; pass ``log_det="exact"`` in
     low dimensions).  Scoring is the cheap direction (one residual pass per
     block); sampling solves a fixed point per block."""
     _no_context("iresnet", context_dim)
     kw.setdefault("cheap", "inverse")
-    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
+    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def residual_flow(input_dim: int, num_blocks: int = 4, hidden: _Sequence[int] = (64, 64),
+def residual_flow(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64),
                   coeff: float = 0.98, log_det: str = "roulette", n_exact_terms: int = 2,
-                  context_dim: int | None = None, **kw) -> _Flow:
+                  context_dim: int | None = None, **kw) -> Flow:
     r"""Residual Flow (Chen et al. 2019): :class:`InvertibleResidual` blocks with LipSwish,
     the unbiased Russian-roulette log-det and its Neumann-series gradient.
     Scoring is the cheap direction; sampling solves a fixed point per block."""
     _no_context("residual_flow", context_dim)
     kw.setdefault("cheap", "inverse")
-    return _Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
+    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
                                                n_exact_terms=n_exact_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
+def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of planar layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return _Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
-    return _Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
+    return Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
-def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> _Flow:
+def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of radial layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
-        return _Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
-    return _Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
+        return Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
+    return Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
 def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
-              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> _Flow:
+              num_vectors: int | None = None, context_dim: int | None = None, **kw) -> Flow:
     """A stack of Sylvester layers (van den Berg et al. 2018); the triangular variant
     alternates the identity and the reversal permutation.  Conditional with ``context_dim``."""
     layers = []
@@ -190,4 +197,4 @@ def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
             layers.append(_Sylvester(input_dim, num_vectors, variant, **kw))
         else:
             layers.append(_ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw))
-    return _Flow(layers)
+    return Flow(layers)

@@ -61,21 +61,3 @@ def test_unknown_model_is_a_clear_error():
     q = _load()
     with pytest.raises(ValueError, match="unknown model"):
         q.build("glowy")
-
-
-def test_swapped_spline_is_the_exact_inverse_with_its_log_derivative():
-    q = _load()
-    from pyroflows.transforms.transformers import make_transformer
-
-    g = make_transformer("rq_spline", 8, 5.0)
-    h = q.SwappedSpline(g)
-    torch.manual_seed(0)
-    params = torch.randn(7, 1, h.num_params, dtype=torch.float64)
-    x = (torch.rand(7, 1, dtype=torch.float64) - 0.5) * 14  # inside and outside the bound
-    y, ladj = h.forward(x, params)
-    assert torch.allclose(g.forward(y, params)[0], x, atol=1e-10)  # h = g^{-1}
-    x_back, ladj_inv = h.inverse(y, params)
-    assert torch.allclose(x_back, x, atol=1e-10) and torch.allclose(ladj_inv, ladj, atol=1e-10)
-    xr = x.clone().requires_grad_()
-    (dh,) = torch.autograd.grad(h.forward(xr, params)[0].sum(), xr)  # elementwise: the derivative
-    assert torch.allclose(ladj, dh.log(), atol=1e-8)

@@ -263,3 +263,19 @@ def test_splines_with_few_or_many_bins(kind, bins):
     assert (x_back - x).abs().max() <= 1e-6
     assert (ld_back - ld).abs().max() <= 1e-6
     assert torch.isfinite(ld).all() and (y.diff(dim=0)[300:] > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["rq_spline", "affine"])
+def test_inverted_transformer_is_the_inverse_map(kind):
+    from pyroflows.transforms.transformers import Inverted
+
+    base = _transformer(kind)
+    t = Inverted(base)
+    p = _params(t, seed=3)
+    x = torch.linspace(-6, 6, 97, dtype=torch.float64).unsqueeze(-1).expand(97, D).clone().requires_grad_()
+    y, ld = t.forward(x, p)
+    assert torch.allclose(base.forward(y, p)[0], x, atol=1e-9)  # h = g^{-1}
+    dy = torch.autograd.grad(y.sum(), x)[0]
+    assert torch.allclose(ld, dy.log(), atol=1e-8)  # elementwise: log h'(x)
+    x_back, ld_back = t.inverse(y.detach(), p)
+    assert torch.allclose(x_back, x, atol=1e-9) and torch.allclose(ld_back, ld, atol=1e-8)
