@@ -28,6 +28,11 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
+# Speed side by side with the peers (needs ../shared/bench/peers.py beside the checkout).
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	bash benchmarks/peers.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(wildcard pyroflows tests examples benchmarks docs/conf.py)
 
