@@ -192,7 +192,15 @@ class Flow(nn.Module):
     def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw samples without gradients."""
         with torch.no_grad():
-            return self(context).sample(torch.Size(sample_shape))
+            if context is not None or not self._direct:
+                return self(context).sample(torch.Size(sample_shape))
+            # TransformedDistribution.sample without its overhead: same draws, same cached passes
+            x = self.base_distribution().sample(torch.Size(sample_shape))
+            for t in self._all_transforms:
+                y, ladj = t.forward(x)
+                t._store(x, y, ladj)
+                x = y
+            return x
 
     def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw reparametrised samples (differentiable in the parameters)."""
