@@ -1,0 +1,99 @@
+"""Reverse-KL distillation: fits, estimates log Z, guards its inputs."""
+
+import math
+
+import pytest
+import torch
+
+import pyroflows
+from pyroflows.infer import distill, distill_flow, importance_diagnostics
+from pyroflows.transforms import elementwise
+
+
+def gauss_flow(dim=2):
+    return pyroflows.Flow([elementwise(dim, "affine")])
+
+
+def shifted_gaussian(x):
+    """Unnormalised N((1, -2), diag(0.5^2, 2^2)) times exp(3): log Z = 3 + log(2 pi * 0.5 * 2)."""
+    z = (x - torch.tensor([1.0, -2.0])) / torch.tensor([0.5, 2.0])
+    return 3.0 - 0.5 * (z**2).sum(-1)
+
+
+LOG_Z = 3.0 + math.log(2 * math.pi * 0.5 * 2.0)
+
+
+def test_distill_fits_a_gaussian_and_recovers_log_z():
+    torch.manual_seed(0)
+    res = distill(gauss_flow(), shifted_gaussian, num_steps=300, num_samples=64, lr=0.05,
+                  num_eval_samples=2000, progress=False)
+    assert len(res.losses) == 300 and res.losses[-1] < res.losses[0]
+    assert abs(res.log_z - LOG_Z) < 0.05
+    assert res.ess > 0.9 and res.khat < 0.5
+    assert 0 <= res.kl < 0.05
+
+
+def test_annealing_schedule_rises_to_one():
+    torch.manual_seed(0)
+    res = distill(gauss_flow(), shifted_gaussian, num_steps=20, num_samples=8, lr=0.01,
+                  anneal_steps=10, beta0=0.1, num_eval_samples=100, progress=False)
+    assert res.betas[0] == pytest.approx(0.1) and res.betas[5] == pytest.approx(0.55)
+    assert res.betas[10:] == [1.0] * 10
+
+
+def test_forward_kl_term_uses_target_samples():
+    torch.manual_seed(0)
+    samples = torch.tensor([1.0, -2.0]) + torch.tensor([0.5, 2.0]) * torch.randn(500, 2)
+    flow = gauss_flow()
+    res = distill(flow, shifted_gaussian, num_steps=200, num_samples=32, lr=0.05, target_samples=samples,
+                  forward_kl_weight=1.0, num_eval_samples=1000, progress=False)
+    assert abs(res.log_z - LOG_Z) < 0.1
+    with pytest.raises(ValueError, match="target_samples"):
+        distill(flow, shifted_gaussian, num_steps=1, target_samples=torch.zeros(5, 3), progress=False)
+
+
+def test_bad_log_density_is_a_clear_error():
+    flow = gauss_flow()
+    with pytest.raises(ValueError, match="shape"):
+        distill(flow, lambda x: x, num_steps=1, num_samples=4, progress=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        distill(flow, lambda x: torch.where(x[:, 0] > 0, -torch.inf, 0.0 * x[:, 0]), num_steps=2,
+                num_samples=64, progress=False)
+
+
+def test_distill_flow_student_matches_teacher():
+    torch.manual_seed(0)
+    teacher = gauss_flow()
+    with torch.no_grad():
+        teacher.transforms[0].params[:, 0] = torch.tensor([2.0, -1.0])
+    before = teacher.transforms[0].params.detach().clone()
+    student = gauss_flow()
+    res = distill_flow(teacher, student, num_steps=300, num_samples=64, lr=0.05, num_eval_samples=1000,
+                       progress=False)
+    assert torch.equal(teacher.transforms[0].params, before)  # the teacher is frozen
+    assert teacher.transforms[0].params.requires_grad  # ...and given back trainable
+    assert abs(res.log_z) < 0.02 and -res.elbo < 0.02  # KL(student || teacher)
+    assert torch.allclose(student.transforms[0].params[:, 0], torch.tensor([2.0, -1.0]), atol=0.1)
+
+
+def test_importance_diagnostics_known_weights():
+    d = importance_diagnostics(torch.zeros(100))
+    assert d.ess == pytest.approx(1.0) and abs(d.log_evidence) < 1e-9 and d.log_evidence_se < 1e-6
+    assert d.khat == 0.0  # no tail at all
+    one_heavy = torch.full((100,), -50.0)
+    one_heavy[0] = 0.0
+    d = importance_diagnostics(one_heavy)
+    assert d.ess == pytest.approx(0.01, rel=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        importance_diagnostics(torch.tensor([0.0, float("nan")]))
+
+
+def test_comparison_table_marks_missing_numbers():
+    from pyroflows.infer.compare import Row, markdown_table, moment_errors
+
+    table = markdown_table([Row("A", 0.31, 0.5, 0.1, 0.2, 1.0), Row("B", note="failed")], "t")
+    assert "| A | 0.31 | 50.0% | 0.100 | 0.200 | 1.0 |  |" in table
+    assert "| B | - | - | - | - | - | failed |" in table
+    draws = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # means (1, 2), sds (1.414, 1.414)
+    mean_err, sd_err = moment_errors(draws, torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]))
+    assert mean_err == pytest.approx(0.5) and sd_err == pytest.approx(1 - 2**0.5 / 2, rel=1e-5)
