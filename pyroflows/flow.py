@@ -15,6 +15,8 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import constraints
 
+from .transforms.base import Bijector
+
 __all__ = ["Flow"]
 
 
@@ -72,6 +74,14 @@ class Flow(nn.Module):
         self.is_conditional = any(isinstance(t, ConditionalTransform) for t in transforms)
         self.context_dim = next(
             (t.context_dim for t in transforms if getattr(t, "context_dim", None) is not None), None
+        )
+
+        # log_prob may bypass Pyro's TransformedDistribution (same math, no per-transform
+        # bookkeeping) when every layer is a pyroflows Bijector on the flow's own event shape
+        n_event = len(self.event_shape)
+        self._direct = all(
+            isinstance(t, Bijector) and t.domain.event_dim == n_event and t.codomain.event_dim == n_event
+            for t in transforms
         )
 
         self._base_kind = "module" if isinstance(base, nn.Module) else "fixed"
@@ -152,12 +162,45 @@ class Flow(nn.Module):
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`\\log p(x)` (per row: the batch shape of ``x``)."""
         self.check_input(x)
-        return self(context).log_prob(x)
+        if context is not None or not self._direct:
+            return self(context).log_prob(x)
+        return self._direct_log_prob(x)
+
+    def _direct_log_prob(self, x):
+        """``TransformedDistribution.log_prob`` without its per-transform overhead: one
+        ``inverse`` per layer (or the layer's cached pass, as Pyro's path would use it)."""
+        base = self.base_distribution()
+        if base.event_shape != self.event_shape:
+            return self().log_prob(x)
+        if torch.distributions.Distribution._validate_args:
+            support = self._all_transforms[-1].codomain
+            if not bool(support.check(x).all()):
+                raise ValueError(f"Expected value argument ({type(x).__name__} of shape {tuple(x.shape)}) "
+                                 f"to be within the support ({support!r}) of the flow, but found invalid values")
+        ladj = 0.0
+        y = x
+        for t in reversed(self._all_transforms):
+            entry = t._lookup(y=y)
+            if entry is not None:  # the flow's own sample: reuse its pass (free log_prob for IAF)
+                entry.valid = False
+                y, l_ = entry.x, entry.ladj
+            else:
+                y, l_ = t.inverse(y)
+            ladj = ladj + l_
+        return base.log_prob(y) - ladj
 
     def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw samples without gradients."""
         with torch.no_grad():
-            return self(context).sample(torch.Size(sample_shape))
+            if context is not None or not self._direct:
+                return self(context).sample(torch.Size(sample_shape))
+            # TransformedDistribution.sample without its overhead: same draws, same cached passes
+            x = self.base_distribution().sample(torch.Size(sample_shape))
+            for t in self._all_transforms:
+                y, ladj = t.forward(x)
+                t._store(x, y, ladj)
+                x = y
+            return x
 
     def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
         """Draw reparametrised samples (differentiable in the parameters)."""

@@ -61,15 +61,42 @@ def connectivity(in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: bo
 
 
 class MaskedLinear(nn.Linear):
-    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask on every call."""
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask on every call.
+
+    Without gradients (sampling a MAF runs ``D`` passes per layer) the masked
+    weight is computed once and reused while the weight and the mask are the
+    same tensors at the same version and storage (an optimizer step,
+    ``load_state_dict``, ``.to()`` or assigning ``.data`` renews it); with gradients, and under ``torch.compile``, the
+    product is taken on every call.
+    """
 
     def __init__(self, mask: torch.Tensor, bias: bool = True):
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.clone())
+        self._masked = None
+
+    def masked_weight(self) -> torch.Tensor:
+        w, m = self.weight, self.mask
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
+            return w * m
+        c = self.__dict__.get("_masked")
+        key = (w._version, m._version, w.data_ptr())
+        if c is not None and c[0] is w and c[1] is m and c[2] == key:
+            return c[3]
+        with torch.no_grad():
+            masked = w * m
+        if not torch.is_inference_mode_enabled():  # an inference tensor cannot be reused outside it
+            self.__dict__["_masked"] = (w, m, key, masked)
+        return masked
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.masked_weight(), self.bias)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_masked"] = None
+        return state
 
 
 class MADE(nn.Module):

@@ -87,7 +87,7 @@ class Affine(Transformer):
 
     def inverse(self, y, params):
         shift, log_scale = self._shift_log_scale(params)
-        x = (y - shift) * torch.exp(-log_scale)
+        x = (y - shift) / torch.exp(log_scale)  # one op fewer than * exp(-s), forward and backward
         return x, log_scale.expand_as(x)
 
     def __repr__(self):
