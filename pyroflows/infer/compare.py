@@ -141,7 +141,7 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
     def f(x, fmt):
         return "-" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
 
-    lines = [f"### {title}", ""] if title else []
+    lines = [f"## {title}", ""] if title else []
     lines += ["| method | k-hat | ESS | mean err (sd units) | sd rel. err | wall s | note |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
