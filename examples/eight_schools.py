@@ -60,7 +60,7 @@ def reference(num_warmup=1000, num_samples=4000, seed=0):
     return flatten_draws(samples, NAMES), seconds
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0,
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="nsf", seed=0,
             methods=None, all_pyro=False):
     ref, ref_seconds = reference(*nuts, seed=seed)
     ref_mean, ref_sd = ref.mean(0), ref.std(0)

@@ -40,7 +40,7 @@ def model(x, y=None):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0,
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="nsf", seed=0,
             methods=None, all_pyro=False):
     x, y = load_data()
     ref, nuts_row = run_nuts(model, x, y, names=NAMES, num_warmup=nuts[0], num_samples=nuts[1], seed=seed)
