@@ -54,7 +54,12 @@ def main(argv=None):
             pyro.set_rng_seed(args.seed)
             guide = AutoFlow(model, name, **kw)
             t0 = time.perf_counter()
-            losses = fit_guide(model, guide, *margs, num_steps=args.steps, lr=1e-2)
+            try:
+                losses = fit_guide(model, guide, *margs, num_steps=args.steps, lr=1e-2)
+            except ValueError as e:  # a NaN/inf parameter reaches the model: the fit diverged
+                print(f"| {problem} | {label} | diverged | - | - | {time.perf_counter() - t0:.0f} | "
+                      f"{str(e).splitlines()[0][:60]}", flush=True)
+                continue
             secs = time.perf_counter() - t0
             d = guide.diagnostics(*margs, num_samples=4000)
             tail = sum(losses[-100:]) / len(losses[-100:])
