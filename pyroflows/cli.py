@@ -482,7 +482,7 @@ def demo_svi_guide(ctx: DemoContext) -> SectionResult:
     from .infer.compare import fit_guide
     from .infer.diagnostics import guide_log_weights, importance_diagnostics
 
-    steps = ctx.size(600, 200)
+    steps = ctx.size(300, 200)
     rows, guides = [], {}
     for name, make in [("AutoNormal (Pyro)", lambda: AutoNormal(_funnel_2d)),
                        ("AutoFlow (nsf)", lambda: AutoFlow(_funnel_2d, hidden=(32, 32)))]:
@@ -538,7 +538,7 @@ def demo_distillation(ctx: DemoContext) -> SectionResult:
     from .infer import distill
 
     torch.manual_seed(ctx.seed)
-    steps = ctx.size(600, 200)
+    steps = ctx.size(300, 200)
     exact = _grid_log_z(lambda z: -_u1(z))
     flow = nsf(2, hidden=(32, 32))
     t0 = time.perf_counter()
