@@ -8,6 +8,11 @@ ESS from 4000 guide draws.
 
     python benchmarks/autoguides.py                 # tens of minutes on 2 shared cores
     python benchmarks/autoguides.py --steps 500 --problems funnel   # a smoke run
+    python benchmarks/autoguides.py --methods AutoFlow --out new.md  # only AutoFlow's rows
+
+The NUTS reference draws (eight schools, logistic regression) are cached in
+``benchmarks/nuts_refs/*.npz`` on first use and reused afterwards; with
+``--methods`` the NUTS comparison rows (funnel, centred eight schools) are skipped.
 """
 
 from __future__ import annotations
@@ -26,15 +31,26 @@ import eight_schools  # noqa: E402
 import funnel  # noqa: E402
 import logistic_regression  # noqa: E402
 
-from pyroflows.infer.compare import default_flow, markdown_table  # noqa: E402
+from pyroflows.infer.compare import Row, markdown_table, run_nuts  # noqa: E402
 
 
-def affine_ar(dim):
-    """Two affine autoregressive layers (Pyro's), reversed in between: scales exp(s(h_<d))."""
-    from pyro.distributions.transforms import Permute, affine_autoregressive
+REFS = ROOT / "benchmarks" / "nuts_refs"
 
-    return [affine_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim]), Permute(torch.arange(dim - 1, -1, -1)),
-            affine_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim])]
+
+def cached_draws(name: str, make):
+    """NUTS reference draws ``(N, D)`` and their wall seconds, from ``benchmarks/nuts_refs/<name>.npz``
+    when present, else computed by ``make() -> (draws, seconds)`` and stored there."""
+    import numpy as np
+
+    path = REFS / f"{name}.npz"
+    if path.exists():
+        z = np.load(path)
+        print(f"reusing the NUTS reference {path.relative_to(ROOT)}", flush=True)
+        return torch.from_numpy(z["draws"]), float(z["seconds"])
+    draws, seconds = make()
+    REFS.mkdir(exist_ok=True)
+    np.savez_compressed(path, draws=draws.numpy(), seconds=seconds)
+    return draws, seconds
 
 
 def main(argv=None):
@@ -43,27 +59,39 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--problems", nargs="*", default=["funnel", "eight_schools", "logistic_regression"])
-    p.add_argument("--flow", choices=["default", "affine-ar"], default="default",
-                   help="AutoFlow's flow: the default (nsf, or its stand-in) or two affine AR layers")
+    p.add_argument("--flow", default="nsf", help="AutoFlow's flow: a name in pyroflows.flows (default nsf)")
     p.add_argument("--methods", nargs="*", default=None, help="only these guides (e.g. AutoFlow)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench_autoguides.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    flow = default_flow() if args.flow == "default" else affine_ar
-    flow_name = flow if isinstance(flow, str) else f"stand-in `{flow.__name__}` (pyroflows.flows.nsf not merged yet)"
-    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True, "flow": flow,
+    flow_name = f"`{args.flow}` (pyroflows.flows.{args.flow} with its defaults, as AutoFlow builds it)"
+    common = {"num_steps": args.steps, "lr": args.lr, "num_samples": args.samples, "all_pyro": True, "flow": args.flow,
               "methods": args.methods}
     sections = []
     t0 = time.perf_counter()
     for problem in args.problems:
         if problem == "funnel":
-            rows = funnel.compare(10, nuts=(300, 1000), **common)
+            rows = funnel.compare(10, nuts=None if args.methods else (300, 1000), **common)
             title = "10-D funnel (errors of v's mean and sd vs the exact 0 and 3)"
         elif problem == "eight_schools":
-            rows = eight_schools.compare(nuts=(1000, 4000), **common)
+            nuts = (1000, 4000)
+            ref = cached_draws(f"eight_schools_noncentred_{nuts[0]}_{nuts[1]}",
+                               lambda nuts=nuts: eight_schools.reference(*nuts, seed=0))
+            rows = eight_schools.compare(nuts=nuts, ref=ref, centred_nuts=not args.methods, **common)
             title = "Eight schools, centred (errors vs non-centred NUTS, 4000 draws)"
         elif problem == "logistic_regression":
-            rows = logistic_regression.compare(nuts=(500, 2000), **common)
+            nuts = (500, 2000)
+
+            def make_ref(nuts=nuts):
+                x, y = logistic_regression.load_data()
+                draws, row = run_nuts(logistic_regression.model, x, y, names=logistic_regression.NAMES,
+                                      num_warmup=nuts[0], num_samples=nuts[1], seed=0)
+                return draws, row.seconds
+
+            draws, secs = cached_draws(f"logistic_regression_{nuts[0]}_{nuts[1]}", make_ref)
+            ess = float(__import__("arviz").ess({"x": draws.unsqueeze(0).numpy()})["x"].values.min() / len(draws))
+            nuts_row = Row("NUTS (reference)", ess=ess, seconds=secs, note=f"{nuts[0]}+{nuts[1]} draws, tree depth <= 10")
+            rows = logistic_regression.compare(nuts=nuts, ref=(draws, nuts_row), **common)
             title = "Logistic regression, breast cancer, 31-D (errors vs NUTS, 2000 draws)"
         else:
             raise ValueError(f"unknown problem {problem!r}")

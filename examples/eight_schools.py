@@ -60,9 +60,12 @@ def reference(num_warmup=1000, num_samples=4000, seed=0):
     return flatten_draws(samples, NAMES), seconds
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0,
-            methods=None, all_pyro=False):
-    ref, ref_seconds = reference(*nuts, seed=seed)
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="nsf", seed=0,
+            methods=None, all_pyro=False, ref=None, centred_nuts=True):
+    """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, seconds)`` of the
+    non-centred NUTS reference (e.g. cached by ``benchmarks/autoguides.py``); ``centred_nuts``:
+    add the row of NUTS on the centred model."""
+    ref, ref_seconds = reference(*nuts, seed=seed) if ref is None else ref
     ref_mean, ref_sd = ref.mean(0), ref.std(0)
     rows = []
     for name, make in standard_guides(model, flow, all_pyro=all_pyro).items():
@@ -72,6 +75,8 @@ def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=N
         rows.append(run_guide(name, model, make(), names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
                               num_steps=num_steps, lr=lr, num_samples=num_samples))
         print(rows[-1], flush=True)
+    if not centred_nuts:
+        return rows
     # NUTS on the centred model, scored against the non-centred reference
     _, row = run_nuts(model, names=NAMES, num_warmup=nuts[0] // 2, num_samples=nuts[1] // 4,
                       ref_mean=ref_mean, ref_sd=ref_sd, seed=seed + 1)

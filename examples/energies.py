@@ -22,7 +22,6 @@ from torch.distributions import AffineTransform
 
 from pyroflows import Flow
 from pyroflows.infer import distill
-from pyroflows.infer.compare import default_flow
 from pyroflows.transforms import sigmoid
 
 BOX = 4.0
@@ -72,9 +71,8 @@ def grid_log_z(log_density, box=BOX, n=1000) -> float:
     return float(torch.logsumexp(log_density(zz), 0) + 2 * math.log(h))
 
 
-def box_flow(flow=None, dim=2, box=BOX) -> Flow:
+def box_flow(flow="nsf", dim=2, box=BOX) -> Flow:
     """Flow layers, then sigmoid and affine onto [-box, box]^dim."""
-    flow = default_flow() if flow is None else flow
     if isinstance(flow, str):
         from pyroflows import flows
 
@@ -89,7 +87,7 @@ def box_flow(flow=None, dim=2, box=BOX) -> Flow:
 
 
 def run(names=tuple(ENERGIES), num_steps=3000, num_samples=256, lr=3e-3, anneal_steps=1500, seed=0,
-        progress=True, flow=None):
+        progress=True, flow="nsf"):
     """Distil each energy; returns {name: (flow, DistillResult, exact log Z, seconds)}."""
     out, flow_spec = {}, flow
     for name in names:

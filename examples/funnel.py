@@ -37,7 +37,7 @@ def exact_moments(dim: int = 10):
     return torch.zeros(1), torch.full((1,), 3.0)
 
 
-def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(300, 1000), flow=None, seed=0,
+def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(300, 1000), flow="nsf", seed=0,
             methods=None, all_pyro=False):
     """Fit every method; return the table rows."""
     ref_mean, ref_sd = exact_moments(dim)

@@ -40,10 +40,14 @@ def model(x, y=None):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0,
-            methods=None, all_pyro=False):
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="nsf", seed=0,
+            methods=None, all_pyro=False, ref=None):
+    """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, Row)`` of the NUTS
+    reference (e.g. cached by ``benchmarks/autoguides.py``)."""
     x, y = load_data()
-    ref, nuts_row = run_nuts(model, x, y, names=NAMES, num_warmup=nuts[0], num_samples=nuts[1], seed=seed)
+    if ref is None:
+        ref = run_nuts(model, x, y, names=NAMES, num_warmup=nuts[0], num_samples=nuts[1], seed=seed)
+    ref, nuts_row = ref
     ref_mean, ref_sd = ref.mean(0), ref.std(0)
     nuts_row.method, nuts_row.note = "NUTS (reference)", nuts_row.note
     print(nuts_row, flush=True)

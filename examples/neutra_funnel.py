@@ -25,7 +25,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.reparam import NeuTraReparam
 
 from pyroflows.infer import AutoFlow
-from pyroflows.infer.compare import default_flow, fit_guide
+from pyroflows.infer.compare import fit_guide
 
 
 def ess_min(draws: torch.Tensor) -> float:
@@ -48,7 +48,7 @@ def run(dim=10, svi_steps=3000, warmup=300, samples=1000, seed=0, max_tree_depth
 
     pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
-    guide = AutoFlow(model, default_flow())
+    guide = AutoFlow(model)
     fit_guide(model, guide, dim, num_steps=svi_steps, lr=1e-2)
     fit_secs = time.perf_counter() - t0
     print(f"AutoFlow fitted in {fit_secs:.0f}s: {guide.diagnostics(dim, num_samples=1000)}", flush=True)

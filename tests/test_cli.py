@@ -143,6 +143,13 @@ def test_python_m_pyroflows_demo_quick(tmp_path):
     line = next(ln for ln in r.stdout.splitlines() if "1-D" in ln)
     gap = float(line.split("gap ")[1].split(",")[0])
     assert -0.05 < gap < 0.1
+    # the SVI-guide and distillation sections ran and were scored
+    assert "An SVI guide" in report and "Distillation" in report
+    assert "svi_funnel.png" in pngs and "distill_u1.png" in pngs
+    line = next(ln for ln in r.stdout.splitlines() if "Distillation" in ln)
+    assert float(line.split("abs error ")[1].split(",")[0]) < 0.5  # log Z of U1, a real fit
+    khats = [float(ln.split("k-hat ")[1].split(",")[0]) for ln in r.stdout.splitlines() if "SVI guide" in ln]
+    assert len(khats) == 2 and all(k == k for k in khats)  # AutoNormal and AutoFlow, not NaN
 
 
 @pytest.mark.parametrize("name", ["auto", "elementwise"])

@@ -170,3 +170,19 @@ def test_diagnostics_kwargs_and_chunking_shape():
     fit(guide, steps=3)
     lw = guide.log_importance_weights(DATA, num_samples=250, chunk_size=100)
     assert lw.shape == (250,) and torch.isfinite(lw).all()
+
+
+@pytest.mark.parametrize("flow", [None, "maf", "iaf", "realnvp"])
+def test_named_flows_train_a_few_svi_steps(flow):
+    """AutoFlow(model) (default "nsf") and the other named architectures train under SVI."""
+    kw = {"hidden": (8, 8), "num_layers": 2}
+    guide = AutoFlow(model, **kw) if flow is None else AutoFlow(model, flow, **kw)
+    guide()
+    before = {n: p.detach().clone() for n, p in guide.flow.named_parameters()}
+    assert before, "the flow has trainable parameters"
+    losses = fit(guide, steps=15, lr=0.02)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    changed = [n for n, p in guide.flow.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "SVI updated the flow's parameters"
+    draws = guide.sample_posterior(200)
+    assert torch.isfinite(draws["loc"]).all() and (draws["scale"] > 0).all()

@@ -21,7 +21,6 @@ from .diagnostics import guide_log_weights, importance_diagnostics
 
 __all__ = [
     "Row",
-    "default_flow",
     "fit_guide",
     "flatten_draws",
     "markdown_table",
@@ -43,28 +42,6 @@ class Row:
     sd_err: float = math.nan
     seconds: float = math.nan
     note: str = ""
-
-
-def default_flow():
-    """``"nsf"`` once :mod:`pyroflows.flows` has it; until then a stand-in callable
-    (Pyro's own neural-spline autoregressive layers, 2 of them, reversed in between),
-    so that the examples run before the named architectures land."""
-    from .. import flows
-
-    if hasattr(flows, "nsf"):
-        return "nsf"
-
-    def stand_in(dim):
-        from pyro.distributions.transforms import Permute, spline_autoregressive
-
-        layers = [spline_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim], count_bins=8, bound=5.0)]
-        if dim > 1:
-            layers += [Permute(torch.arange(dim - 1, -1, -1)),
-                       spline_autoregressive(dim, hidden_dims=[8 * dim, 8 * dim], count_bins=8, bound=5.0)]
-        return layers
-
-    stand_in.__name__ = "pyro_spline_autoregressive_x2"
-    return stand_in
 
 
 def fit_guide(model, guide, *args, num_steps: int = 2000, lr: float = 1e-2, num_particles: int = 1,
@@ -150,7 +127,7 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> dict[str, Callable]:
+def standard_guides(model, flow="nsf", *, all_pyro: bool = False, **flow_kw) -> dict[str, Callable]:
     """Factories of the compared guides: Pyro's AutoNormal, AutoMultivariateNormal,
     AutoIAFNormal, and AutoFlow; with ``all_pyro=True`` every Pyro autoguide that has a
     density over all latent sites (adds AutoDiagonalNormal, AutoLowRankMultivariateNormal,
@@ -159,7 +136,6 @@ def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> d
 
     from .autoguide import AutoFlow
 
-    flow = default_flow() if flow is None else flow
     guides = {
         "AutoNormal": lambda: ag.AutoNormal(model),
         "AutoMultivariateNormal": lambda: ag.AutoMultivariateNormal(model),
