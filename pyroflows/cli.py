@@ -454,7 +454,7 @@ def demo_density_2d(ctx: DemoContext) -> SectionResult:
     from .data import EightGaussians
 
     return _density_section(ctx, EightGaussians(), ctx.flow, "Density modelling in 2-D (16.4-16.5)",
-                            epochs=ctx.size(150, 40), n_train=ctx.size(4000, 1500), plot_fn=_plots_2d)
+                            epochs=ctx.size(80, 40), n_train=ctx.size(4000, 1500), plot_fn=_plots_2d)
 
 
 def _funnel_2d():
