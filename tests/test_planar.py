@@ -19,12 +19,7 @@ from pyroflows.transforms import (
 from pyroflows.transforms.planar import _planar_params, _radial_params, solve_tanh_equation
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("default_float64")
 
 
 def _randomize(module, scale, seed=0):

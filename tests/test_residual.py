@@ -10,12 +10,7 @@ from pyroflows.nn import LipschitzMLP, SpectralLinear
 from pyroflows.transforms import ConvergenceError, InvertibleResidual, ReversibleResidual
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("default_float64")
 
 
 def _perturb(module, scale, seed=0):
