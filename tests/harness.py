@@ -106,6 +106,16 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
     return layer
 
 
+def perturb_parameters(module, scale: float = 0.3, seed: int = 0):
+    """Add ``scale * N(0, 1)`` noise (a seeded generator, not the global RNG) to every
+    parameter of ``module``; returns the module."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
 def event_shape_of(layer, case: Case):
     return torch.Size(layer.event_shape)
 

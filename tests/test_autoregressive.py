@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_coupling import KINDS_LARGE, _count_calls, _perturb
+from harness import perturb_parameters
+from test_coupling import KINDS_LARGE, _count_calls, assert_finite_both_ways
 
 import pyroflows.transforms as T
 from pyroflows import Flow
@@ -17,7 +18,7 @@ LAYERS = {"maf": T.masked_autoregressive, "iaf": T.inverse_autoregressive}
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_sample_then_score_is_consistent(name, kind):
     """log_prob(x) = log p0(z) - log|det J| for x = f(z), scored from scratch (no cache)."""
-    layer = _perturb(LAYERS[name](5, kind=kind, hidden=(16,), order="random", seed=1)).double()
+    layer = perturb_parameters(LAYERS[name](5, kind=kind, hidden=(16,), order="random", seed=1)).double()
     flow = Flow([layer]).double()
     z = torch.randn(64, 5, dtype=torch.float64)
     x, ladj = layer.forward(z)
@@ -30,7 +31,7 @@ def test_sample_then_score_is_consistent(name, kind):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_made_passes(name):
     D = 4
-    layer = _perturb(LAYERS[name](D, hidden=(8,)))
+    layer = perturb_parameters(LAYERS[name](D, hidden=(8,)))
     calls = _count_calls(layer.made)
     z = torch.randn(3, D)
     x, _ = layer.forward(z)
@@ -42,7 +43,7 @@ def test_made_passes(name):
 
 def test_iaf_log_prob_of_its_own_samples_is_free():
     D = 4
-    flow = Flow([_perturb(T.inverse_autoregressive(D, hidden=(8,))) for _ in range(3)])
+    flow = Flow([perturb_parameters(T.inverse_autoregressive(D, hidden=(8,))) for _ in range(3)])
     calls = [_count_calls(layer.made) for layer in flow.transforms]
     d = flow()
     x = d.rsample((10,))
@@ -82,22 +83,16 @@ def test_round_trip_after_training_far_out_float32(name):
 def test_large_inputs_give_finite_values_and_gradients(name, kind, conditional):
     if conditional:
         helper = {"maf": T.conditional_masked_autoregressive, "iaf": T.conditional_inverse_autoregressive}[name]
-        layer = _perturb(helper(3, 2, kind=kind, hidden=(8,)))
+        layer = perturb_parameters(helper(3, 2, kind=kind, hidden=(8,)))
     else:
-        layer = _perturb(LAYERS[name](3, kind=kind, hidden=(8,)))
-    x = torch.tensor([[1e3, -1e3, 1e3], [-1e3, 0.5, -0.5]], requires_grad=True)
-    args = (x, torch.full((2,), 1e3)) if conditional else (x,)
-    for direction in (layer.forward, layer.inverse):
-        y, ladj = direction(*args)
-        assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
-        (g,) = torch.autograd.grad(y.sum() + ladj.sum(), x)
-        assert torch.isfinite(g).all()
+        layer = perturb_parameters(LAYERS[name](3, kind=kind, hidden=(8,)))
+    assert_finite_both_ways(layer, [[1e3, -1e3, 1e3], [-1e3, 0.5, -0.5]], conditional)
 
 
 @pytest.mark.parametrize("name", ["maf", "iaf"])
 def test_conditional_output_depends_on_context_in_every_dimension(name):
     helper = {"maf": T.conditional_masked_autoregressive, "iaf": T.conditional_inverse_autoregressive}[name]
-    layer = _perturb(helper(3, 2, hidden=(16,))).double()
+    layer = perturb_parameters(helper(3, 2, hidden=(16,))).double()
     z = torch.randn(5, 3, dtype=torch.float64)
     c1, c2 = torch.randn(2, 2, dtype=torch.float64)
     y1, y2 = layer.forward(z, c1)[0], layer.forward(z, c2)[0]

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import perturb_parameters
 from torch.autograd.functional import jacobian
 
 import pyroflows.transforms as T
 from pyroflows.nn import MLP
 from pyroflows.transforms.coupling import half_mask
 from pyroflows.transforms.transformers import KINDS, make_transformer
-
-
-def _perturb(layer, scale=0.3, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return layer
 
 
 def _count_calls(module):
@@ -37,7 +30,7 @@ def test_starts_at_identity(kind):
 
 @pytest.mark.parametrize("parity", [0, 1])
 def test_masked_half_passes_unchanged_and_one_conditioner_pass(parity):
-    layer = _perturb(T.affine_coupling(5, hidden=(8,), parity=parity)).double()
+    layer = perturb_parameters(T.affine_coupling(5, hidden=(8,), parity=parity)).double()
     calls = _count_calls(layer.conditioner)
     x = torch.randn(4, 5, dtype=torch.float64)
     y, _ = layer.forward(x)
@@ -52,7 +45,7 @@ def test_masked_half_passes_unchanged_and_one_conditioner_pass(parity):
 
 def test_any_mask_works():
     mask = torch.tensor([True, False, False, True, False, True])
-    layer = _perturb(T.spline_coupling(6, kind="piecewise_linear", hidden=(8,), mask=mask)).double()
+    layer = perturb_parameters(T.spline_coupling(6, kind="piecewise_linear", hidden=(8,), mask=mask)).double()
     x = torch.randn(6, dtype=torch.float64)
     y, ladj = layer.forward(x)
     assert torch.equal(y[mask], x[mask])
@@ -85,7 +78,7 @@ def test_bad_masks_are_rejected():
 
 
 def test_conditional_output_depends_on_context():
-    layer = _perturb(T.conditional_affine_coupling(4, 2, hidden=(8,))).double()
+    layer = perturb_parameters(T.conditional_affine_coupling(4, 2, hidden=(8,))).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     c1, c2 = torch.randn(2, 2, dtype=torch.float64)
     y1, l1 = layer.forward(x, c1)
@@ -102,8 +95,13 @@ KINDS_LARGE = sorted(KINDS)
 def test_large_inputs_give_finite_values_and_gradients(kind, conditional):
     layer = (T.conditional_spline_coupling(4, 2, kind=kind, hidden=(8,)) if conditional
              else T.spline_coupling(4, kind=kind, hidden=(8,)))
-    _perturb(layer)
-    x = torch.tensor([[1e3, -1e3, 1e3, -1e3], [-1e3, 1e3, 0.5, -0.5]], requires_grad=True)
+    perturb_parameters(layer)
+    assert_finite_both_ways(layer, [[1e3, -1e3, 1e3, -1e3], [-1e3, 1e3, 0.5, -0.5]], conditional)
+
+
+def assert_finite_both_ways(layer, rows, conditional):
+    """Inputs far outside the spline bound: finite outputs, log-dets and gradients in both directions."""
+    x = torch.tensor(rows, requires_grad=True)
     args = (x, torch.full((2,), 1e3)) if conditional else (x,)
     for direction in (layer.forward, layer.inverse):
         y, ladj = direction(*args)

@@ -6,22 +6,15 @@ import pytest
 import torch
 
 import pyroflows.transforms as T
+from harness import perturb_parameters
 from pyroflows import Flow
 from pyroflows.transforms import Elementwise
 from pyroflows.transforms.transformers import Affine
 
 
-def _randomize(layer, scale=0.5, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return layer
-
-
 def test_lu_inverse_matches_dense_inverse_at_d64():
     dim = 64
-    layer = _randomize(T.lu(dim, seed=3).double(), scale=0.2)
+    layer = perturb_parameters(T.lu(dim, seed=3).double(), scale=0.2)
     W = layer.matrix()
     x = torch.randn(10, dim, dtype=torch.float64)
     y = layer(x)
@@ -34,7 +27,7 @@ def test_lu_inverse_matches_dense_inverse_at_d64():
 @pytest.mark.parametrize("make", [lambda d: T.lu(d, seed=1), T.triangular, T.dense,
                                   lambda d: T.householder(d, count_transforms=3)])
 def test_log_det_is_slogdet_of_the_assembled_matrix(make):
-    layer = _randomize(make(5).double())
+    layer = perturb_parameters(make(5).double(), scale=0.5)
     W = layer.matrix()
     x = torch.randn(4, 5, dtype=torch.float64)
     y = layer(x)
@@ -46,7 +39,7 @@ def test_log_det_is_slogdet_of_the_assembled_matrix(make):
 
 
 def test_lu_factors_have_their_structure():
-    layer = _randomize(T.lu(6, seed=0).double())
+    layer = perturb_parameters(T.lu(6, seed=0).double(), scale=0.5)
     L, V = layer._factors()
     assert torch.equal(torch.diagonal(L), torch.ones(6, dtype=torch.float64))
     assert torch.equal(torch.triu(L, 1), torch.zeros(6, 6, dtype=torch.float64))
@@ -145,7 +138,7 @@ def test_conditional_elementwise_starts_at_identity(kind):
 
 
 def test_conditional_elementwise_depends_on_context_and_broadcasts():
-    layer = _randomize(T.conditional_elementwise(2, 3, hidden=(8,)).double())
+    layer = perturb_parameters(T.conditional_elementwise(2, 3, hidden=(8,)).double(), scale=0.5)
     x = torch.randn(4, 2, dtype=torch.float64)
     c1, c2 = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     assert not torch.allclose(layer.condition(c1)(x), layer.condition(c2)(x))
@@ -159,7 +152,7 @@ def test_conditional_elementwise_depends_on_context_and_broadcasts():
 
 
 def test_conditional_householder_is_orthogonal_per_context():
-    layer = _randomize(T.conditional_householder(4, 2, count_transforms=2, hidden=(8,)).double())
+    layer = perturb_parameters(T.conditional_householder(4, 2, count_transforms=2, hidden=(8,)).double(), scale=0.5)
     c = torch.randn(3, 2, dtype=torch.float64)
     x = torch.randn(3, 4, dtype=torch.float64)
     y = layer.condition(c)(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import perturb_parameters
 
 from pyroflows import flows
 from pyroflows.nn import LipschitzMLP, SpectralLinear
@@ -13,13 +14,6 @@ from pyroflows.transforms import ConvergenceError, InvertibleResidual, Reversibl
 pytestmark = pytest.mark.usefixtures("default_float64")
 
 
-def _perturb(module, scale, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 # ----------------------------------------------------------------------------
 # ReversibleResidual
 # ----------------------------------------------------------------------------
@@ -27,7 +21,7 @@ def _perturb(module, scale, seed=0):
 def test_memory_saving_gradients_equal_ordinary_backprop(direction):
     torch.manual_seed(0)
     layer = ReversibleResidual(5, num_blocks=4, hidden=(16,))
-    _perturb(layer, 0.3)
+    perturb_parameters(layer, 0.3)
     x = torch.randn(32, 5)
 
     def grads(memory_saving):
@@ -83,7 +77,7 @@ def test_reversible_residual_invalid_arguments():
 def test_spectral_linear_bound_holds_for_any_weights(scale):
     torch.manual_seed(0)
     lin = SpectralLinear(7, 5, coeff=0.8)
-    _perturb(lin, scale)
+    perturb_parameters(lin, scale)
     norm = torch.linalg.matrix_norm(lin.normalized_weight().detach(), 2)
     assert norm <= 0.8 * (1 + 1e-8)
     with torch.no_grad():
@@ -94,7 +88,7 @@ def test_spectral_linear_bound_holds_for_any_weights(scale):
 def test_lipschitz_mlp_is_contractive():
     torch.manual_seed(0)
     g = LipschitzMLP(3, 3, (16, 16), coeff=0.9)
-    _perturb(g, 3.0)
+    perturb_parameters(g, 3.0)
     x, y = torch.randn(500, 3), torch.randn(500, 3)
     ratio = (g(x) - g(y)).norm(dim=-1) / (x - y).norm(dim=-1)
     assert ratio.max() < 0.9 ** 3 + 1e-8
@@ -126,7 +120,7 @@ def test_invertible_residual_invalid_arguments(kw, match):
 def test_fixed_point_failure_reports_the_residual(cheap):
     torch.manual_seed(0)
     layer = InvertibleResidual(3, coeff=0.95, cheap=cheap, max_iter=2)
-    _perturb(layer, 1.0)
+    perturb_parameters(layer, 1.0)
     solve = layer.inverse if cheap == "forward" else layer.forward
     with pytest.raises(ConvergenceError, match=r"did not converge in max_iter=2 .*residual reached \d"):
         solve(torch.randn(10, 3))
@@ -139,7 +133,7 @@ def test_fixed_point_failure_reports_the_residual(cheap):
 def test_fixed_point_inverse_and_its_gradient(cheap):
     torch.manual_seed(0)
     layer = InvertibleResidual(3, hidden=(8,), coeff=0.9, cheap=cheap)
-    _perturb(layer, 0.5)
+    perturb_parameters(layer, 0.5)
     solve = layer.inverse if cheap == "forward" else layer.forward
     explicit = layer.forward if cheap == "forward" else layer.inverse
     v = torch.randn(4, 3)
