@@ -386,6 +386,10 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
                 if rank == 0:
                     log.info("early stopping at epoch %d (best epoch %d)", epoch, history.best_epoch)
                 break
+        if distributed:
+            # Rank 0 may still be writing the checkpoint; tearing gloo down while a peer is
+            # mid-epoch aborts the process ("terminate called without an active exception").
+            tdist.barrier()
     finally:
         if bar is not None:
             bar.close()
