@@ -60,7 +60,7 @@ def reference(num_warmup=1000, num_samples=4000, seed=0):
     return flatten_draws(samples, NAMES), seconds
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="nsf", seed=0,
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0, num_particles=1,
             methods=None, all_pyro=False, ref=None, centred_nuts=True):
     """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, seconds)`` of the
     non-centred NUTS reference (e.g. cached by ``benchmarks/autoguides.py``); ``centred_nuts``:
@@ -73,7 +73,8 @@ def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="
             continue
         pyro.set_rng_seed(seed)
         rows.append(run_guide(name, model, make(), names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
-                              num_steps=num_steps, lr=lr, num_samples=num_samples))
+                              num_steps=num_steps, lr=lr, num_samples=num_samples,
+                              num_particles=num_particles))
         print(rows[-1], flush=True)
     if not centred_nuts:
         return rows

@@ -40,7 +40,7 @@ def model(x, y=None):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="nsf", seed=0,
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0, num_particles=1,
             methods=None, all_pyro=False, ref=None):
     """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, Row)`` of the NUTS
     reference (e.g. cached by ``benchmarks/autoguides.py``)."""
@@ -57,7 +57,8 @@ def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="n
             continue
         pyro.set_rng_seed(seed)
         rows.append(run_guide(name, model, make(), x, y, names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
-                              num_steps=num_steps, lr=lr, num_samples=num_samples))
+                              num_steps=num_steps, lr=lr, num_samples=num_samples,
+                              num_particles=num_particles))
         print(rows[-1], flush=True)
     return rows + [nuts_row]
 
