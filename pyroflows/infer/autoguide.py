@@ -89,6 +89,7 @@ def default_flow(latent_dim: int, *, num_layers: int = 3, hidden=(64, 64), log_s
     return iaf(latent_dim, num_layers=num_layers, hidden=hidden, kind=Affine(log_scale_bound))
 
 
+class _FlowDensity(torch.nn.Module):
     """``log q(theta)`` of the guide recomputed from scratch (layer inverses, no cache), so that
     :func:`torch.func.functional_call` can evaluate it with detached parameters."""
 
@@ -130,10 +131,10 @@ class _StickingTheLanding(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return _StickingTheLanding(self.posterior.expand(batch_shape), self._log_density)
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         return self.posterior.rsample(sample_shape)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return self.posterior.sample(sample_shape)
 
     def log_prob(self, value):
@@ -177,25 +178,23 @@ class AutoFlow(AutoContinuous):
         **flow_kw: passed to the architecture.
 
     The defaults were chosen on the 10-D funnel, centred eight schools and the
-    breast-cancer logistic regression (``benchmarks/autoflow_default.py``, SVI with
-    ClippedAdam lr 1e-2 decayed 10x, 8 vectorised particles; docs/bench_autoguides.md).
-    The funnel is exactly one affine autoregressive layer with ``v`` first
-    (:math:`x_i = e^{v/2} z_i`), and AutoContinuous orders the latent vector as the
-    model samples it (``v``, then ``x``; ``mu``, ``tau``, then ``theta``), which the
-    first, natural-order IAF layer can use.  At 1000 steps, seed 0 unless noted
-    (k-hat funnel / eight schools / logistic regression): ``nsf`` with the old
-    settings (init_scale 0.1, no STL, 1 particle) 0.49 / 0.91 / -; a 2-layer IAF 0.76
-    without STL, 0.72 with STL, 0.58 with STL and init_scale 1, 0.49 / 0.61 / 1.11
-    adding 8 particles; the linear layer takes the logistic regression from 1.11 to
-    0.43 (0.74 -> 0.43 with 5 IAF layers); IAF layers with log-scale bound 10 instead
-    of 5 (a single layer must reach :math:`e^{\pm 4.5}` in the funnel's neck, where
-    the soft clamp :math:`5\tanh(s/5)` bends): 2 layers 0.43 (seed 1: 0.41) / 0.55
-    (seed 1) / 0.43; 3 layers (seed 1) 0.39 / 0.75, and at 2000 steps 0.36 / 0.94;
-    5 layers 0.64 / 0.62 / 0.43, at 2000 steps - / 0.65.  Eight schools stays between
-    0.5 and 0.95 whatever the configuration: the left tail of :math:`\log\tau` is
-    exponential (:math:`p \propto \tau` as :math:`\tau \to 0`), which affine layers on
-    a Gaussian base do not reproduce.  A spline layer on the base (0.89 - 1.20 on the
-    funnel) and a Student-t base (df 5: 0.57 / 0.92 on eight schools) were worse.
+    breast-cancer logistic regression (SVI with ClippedAdam lr 1e-2 decayed 10x; full
+    table in docs/bench_autoguides.md, ``benchmarks/autoflow_default.py``).  k-hat at
+    1000 steps, seed 0: a 2-layer affine IAF on the funnel scored 0.76 with the old
+    settings (init_scale 0.1, 1 particle), 0.72 with STL, 0.58 with STL and
+    init_scale 1, 0.49 with 8 particles as well (eight schools 0.61, logistic
+    regression 1.11); the linear layer took the logistic regression to 0.43 (5 IAF
+    layers: 0.74 -> 0.43).  init_scale 0.1 was why ``"iaf"`` and ``"realnvp"``
+    diverged: with 1 the same old-settings runs gave 0.43 (funnel) and 0.59 (eight
+    schools).  The funnel is one affine autoregressive layer with ``v`` first
+    (:math:`x_i = e^{v/2} z_i`; AutoContinuous orders the latent vector as the model
+    samples it), which a natural-order IAF layer can use if its log-scale reaches
+    :math:`\pm 4.5` unbent, hence the bound 10; fewer IAF layers did better on the
+    funnel (2-3 layers 0.36-0.43, 5 layers 0.64).  Eight schools stays between 0.5
+    and 0.95 whatever the configuration and seed: the left tail of :math:`\log\tau`
+    is exponential (:math:`p \propto \tau` as :math:`\tau \to 0`), which affine
+    layers on a Gaussian base do not reproduce; a spline layer on the base and a
+    Student-t base (df 5) were no better.
 
     Besides the usual autoguide interface (``Predictive``, ``median``,
     ``quantiles``, ``NeuTraReparam`` through ``get_base_dist``/``get_transform``),
