@@ -178,23 +178,23 @@ class AutoFlow(AutoContinuous):
         **flow_kw: passed to the architecture.
 
     The defaults were chosen on the 10-D funnel, centred eight schools and the
-    breast-cancer logistic regression (SVI with ClippedAdam lr 1e-2 decayed 10x; full
-    table in docs/bench_autoguides.md, ``benchmarks/autoflow_default.py``).  k-hat at
-    1000 steps, seed 0: a 2-layer affine IAF on the funnel scored 0.76 with the old
-    settings (init_scale 0.1, 1 particle), 0.72 with STL, 0.58 with STL and
-    init_scale 1, 0.49 with 8 particles as well (eight schools 0.61, logistic
-    regression 1.11); the linear layer took the logistic regression to 0.43 (5 IAF
-    layers: 0.74 -> 0.43).  init_scale 0.1 was why ``"iaf"`` and ``"realnvp"``
-    diverged: with 1 the same old-settings runs gave 0.43 (funnel) and 0.59 (eight
-    schools).  The funnel is one affine autoregressive layer with ``v`` first
-    (:math:`x_i = e^{v/2} z_i`; AutoContinuous orders the latent vector as the model
-    samples it), which a natural-order IAF layer can use if its log-scale reaches
-    :math:`\pm 4.5` unbent, hence the bound 10; fewer IAF layers did better on the
-    funnel (2-3 layers 0.36-0.43, 5 layers 0.64).  Eight schools stays between 0.5
-    and 0.95 whatever the configuration and seed: the left tail of :math:`\log\tau`
-    is exponential (:math:`p \propto \tau` as :math:`\tau \to 0`), which affine
-    layers on a Gaussian base do not reproduce; a spline layer on the base and a
-    Student-t base (df 5) were no better.
+    breast-cancer logistic regression (docs/bench_autoguides.md).  With them, at 2000
+    SVI steps of 8 vectorised particles (``benchmarks/autoguides.py``, seeds 0 / 1 / 2),
+    k-hat is 0.42 / 0.54 / 0.20 on the funnel (best Pyro autoguide, AutoIAFNormal:
+    0.67 / 0.59 / 0.55), 0.61 / 0.61 / 0.58 on eight schools (best Pyro guide 0.67 /
+    0.80 / 0.79) and 0.39 / 0.68 / 0.49 on the logistic regression
+    (AutoMultivariateNormal 0.59 / 0.41 / 0.44).  The old default (``"nsf"``,
+    init_scale 0.1, 1 particle) scored 0.69 and 0.93 on the first two.  What each
+    choice did, at 1000 steps: on the funnel a 2-layer IAF went 0.76 -> 0.72 (STL)
+    -> 0.58 (init_scale 1) -> 0.49 (8 particles); the linear layer took the logistic
+    regression from 1.11 to 0.43; init_scale 0.1 was why ``"iaf"`` and ``"realnvp"``
+    diverged (with 1 they did not); the log-scale bound 10 lets the one IAF layer
+    that sees the funnel's ``v`` first (AutoContinuous orders the latent vector as the
+    model samples it) reach the log-scales :math:`\pm 4.5` of :math:`x_i = e^{v/2}
+    z_i` without the soft clamp bending; 2-3 IAF layers beat 5 on the funnel.
+    Eight schools stays near 0.6 whatever the configuration: the guide misses the
+    exponential left tail of :math:`\log\tau` (:math:`p \propto \tau` as
+    :math:`\tau \to 0`), which affine layers on a Gaussian base do not reproduce.
 
     Besides the usual autoguide interface (``Predictive``, ``median``,
     ``quantiles``, ``NeuTraReparam`` through ``get_base_dist``/``get_transform``),
