@@ -29,6 +29,7 @@ import logistic_regression  # noqa: E402
 from pyroflows import flows  # noqa: E402
 from pyroflows.infer import AutoFlow  # noqa: E402
 from pyroflows.infer.compare import fit_guide  # noqa: E402
+from pyroflows.transforms.elementwise import elementwise  # noqa: E402
 from pyroflows.transforms.transformers import Affine  # noqa: E402
 
 OLD = {"init_scale": 0.1, "linear": False, "stl": False}  # AutoFlow's settings before the STL study
@@ -48,6 +49,9 @@ CANDIDATES = {
     "iaf5": ("iaf", {}),
     "iaf5 bound 10": (lambda d: flows.iaf(d, kind=Affine(10.0)), {}),
     "nsf, new settings": ("nsf", {}),
+    # a full-covariance Gaussian (the linear layer alone) trained with STL: AutoMultivariateNormal + STL
+    "gaussian + STL": (lambda d: [elementwise(d, "affine")], {}),
+    "gaussian, no STL": (lambda d: [elementwise(d, "affine")], {"stl": False}),
 }
 
 
