@@ -37,6 +37,7 @@ OLD = {"init_scale": 0.1, "linear": False, "stl": False}  # AutoFlow's settings 
 #: label -> (flow, AutoFlow keyword arguments)
 CANDIDATES = {
     "default": (None, {}),
+    "default, no STL": (None, {"stl": False}),
     "nsf (old default)": ("nsf", OLD),
     "iaf (old settings)": ("iaf", OLD),
     "realnvp (old settings)": ("realnvp", OLD),
