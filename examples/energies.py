@@ -87,8 +87,10 @@ def box_flow(flow="nsf", dim=2, box=BOX) -> Flow:
 
 
 def run(names=tuple(ENERGIES), num_steps=3000, num_samples=256, lr=3e-3, anneal_steps=1500, seed=0,
-        progress=True, flow="nsf"):
-    """Distil each energy; returns {name: (flow, DistillResult, exact log Z, seconds)}."""
+        progress=True, flow="nsf", **distill_kw):
+    """Distil each energy; returns {name: (flow, DistillResult, exact log Z, seconds)}.
+
+    Other keywords go to :func:`pyroflows.infer.distill` (e.g. ``lr_schedule``)."""
     out, flow_spec = {}, flow
     for name in names:
         torch.manual_seed(seed)
@@ -96,7 +98,7 @@ def run(names=tuple(ENERGIES), num_steps=3000, num_samples=256, lr=3e-3, anneal_
         flow = box_flow(flow_spec)
         t0 = time.perf_counter()
         res = distill(flow, lambda z, e=energy: -e(z), num_steps=num_steps, num_samples=num_samples, lr=lr,
-                      anneal_steps=anneal_steps, progress=progress)
+                      anneal_steps=anneal_steps, progress=progress, **distill_kw)
         out[name] = (flow, res, grid_log_z(lambda z, e=energy: -e(z)), time.perf_counter() - t0)
         print(f"{name}: log Z {res.log_z:.4f} +- {res.log_z_se:.4f} (exact {out[name][2]:.4f}), "
               f"ESS {100 * res.ess:.1f}%, k-hat {res.khat:.2f}, {out[name][3]:.0f}s", flush=True)

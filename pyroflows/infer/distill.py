@@ -306,8 +306,11 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
 
             pool = _draw(teacher, warm_start_samples)
             n_val = max(1, warm_start_samples // 10)
-            history = fit(student, pool[n_val:], val_data=pool[:n_val], epochs=warm_start_epochs,
-                          batch_size=num_samples, lr=warm_start_lr or lr, progress=progress)
+            try:
+                history = fit(student, pool[n_val:], val_data=pool[:n_val], epochs=warm_start_epochs,
+                              batch_size=num_samples, lr=warm_start_lr or lr, progress=progress)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"the warm start diverged ({err}); lower warm_start_lr") from err
             warm_nll = list(history.train_nll)
         result = distill(student, teacher.log_prob, num_steps=num_steps, num_samples=num_samples,
                          lr=lr, progress=progress, **kw)
