@@ -10,7 +10,7 @@ Given :math:`\tilde p(x) = Z\,p(x)` that can be evaluated but not sampled, fit
 
 with reparametrised samples :math:`x = f_\phi(z)` (the flow's cheap direction
 must be sampling, e.g. IAF, coupling or spline flows).  Reverse KL is
-mode-seeking, so two guards against mode collapse are built in:
+mode-seeking, so three guards against mode collapse are built in:
 
 * **annealing** (Rezende & Mohamed 2015): the target is tempered,
   :math:`\beta_t \log \tilde p` with :math:`\beta_t` rising linearly from
@@ -68,7 +68,8 @@ class DistillResult:
             :math:`\\mathrm{KL}(q \\| p)`, and for a normalised target (``distill_flow``)
             ``-elbo`` is the KL itself.
         warm_start_nll: per-epoch training NLL of :func:`distill_flow`'s maximum-likelihood
-            warm start (empty otherwise).
+            warm start (empty otherwise); ``warm_start_skipped`` counts its minibatches
+            skipped for a non-finite loss or gradient.
     """
 
     losses: list[float] = field(default_factory=list)
@@ -79,6 +80,7 @@ class DistillResult:
     khat: float = math.nan
     elbo: float = math.nan
     warm_start_nll: list[float] = field(default_factory=list)
+    warm_start_skipped: int = 0
 
     @property
     def kl(self) -> float:
@@ -239,6 +241,37 @@ def _draw(flow, n: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat([d.sample((min(chunk, n - i),)) for i in range(0, n, chunk)])
 
 
+def _warm_start(student, pool, epochs, batch_size, lr, clip_grad, progress):
+    """Maximum likelihood of ``student`` on the rows of ``pool``; returns (per-epoch NLL, skipped batches)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    history, skipped = [], 0
+    epochs_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs_iter = tqdm(epochs_iter, desc="warm start", unit="epoch", leave=False)
+    for epoch in epochs_iter:
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(pool)).split(batch_size):
+            loss = -_as_distribution(student).log_prob(pool[idx]).mean()
+            opt.zero_grad()
+            if torch.isfinite(loss):
+                loss.backward()
+            if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                skipped += 1
+                continue
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        if count == 0:
+            raise FloatingPointError(f"the warm start got a non-finite loss or gradient on every minibatch of "
+                                     f"epoch {epoch}; lower warm_start_lr")
+        history.append(total / count)
+    return history, skipped
+
+
 def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_samples: int = 256,
                  lr: float = 1e-3, progress: bool = True, warm_start_samples: int = 0,
                  warm_start_epochs: int = 20, warm_start_lr: float | None = None, **kw) -> DistillResult:
@@ -261,10 +294,13 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     dimension, so an optional **warm start** first fits the student to
     ``warm_start_samples`` teacher draws by maximum likelihood, i.e. minimises the forward KL
     :math:`\mathrm{KL}(t \,\|\, s_\phi) = -\mathbb E_t[\log s_\phi] + \text{const}`
-    (mass-covering; :func:`pyroflows.train.fit` for ``warm_start_epochs`` epochs, batch
-    ``num_samples``, 10% of the draws held out and the best epoch kept).  This costs the
-    expensive directions once: teacher sampling (MAF: :math:`D` passes per layer) and student
-    scoring of new points (IAF: :math:`D` passes per layer), both fine at moderate batch.
+    (mass-covering; Adam for ``warm_start_epochs`` epochs over the draws in minibatches of
+    ``num_samples``).  This costs the expensive directions once: teacher sampling (MAF:
+    :math:`D` passes per layer) and student scoring of new points (IAF: :math:`D` passes per
+    layer), both fine at moderate batch.  A rare far-out teacher draw can overflow the IAF's
+    sequential inverse (its scales compound across layers); a minibatch with a non-finite
+    loss or gradient is skipped and counted (``warm_start_skipped``) rather than stopping the
+    fit, which fails only if a whole epoch is skipped.
 
     The teacher is frozen (its parameters get no gradients and are not updated) and given
     back trainable, in its original train/eval mode.  Other keywords go to :func:`distill`
@@ -283,6 +319,7 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     Raises:
         TypeError: teacher or student is not a flow.
         ValueError: their event shapes differ, or a warm-start argument is out of range.
+        FloatingPointError: every minibatch of a warm-start epoch was non-finite.
     """
     t_event, s_event = _event_shape(teacher, "teacher"), _event_shape(student, "student")
     if t_event != s_event:
@@ -300,21 +337,14 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     for p in frozen:
         p.requires_grad_(False)
     try:
-        warm_nll = []
+        warm_nll, skipped = [], 0
         if warm_start_samples:
-            from ..train import fit
-
             pool = _draw(teacher, warm_start_samples)
-            n_val = max(1, warm_start_samples // 10)
-            try:
-                history = fit(student, pool[n_val:], val_data=pool[:n_val], epochs=warm_start_epochs,
-                              batch_size=num_samples, lr=warm_start_lr or lr, progress=progress)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"the warm start diverged ({err}); lower warm_start_lr") from err
-            warm_nll = list(history.train_nll)
+            warm_nll, skipped = _warm_start(student, pool, warm_start_epochs, num_samples, warm_start_lr or lr,
+                                            kw.get("clip_grad", 10.0), progress)
         result = distill(student, teacher.log_prob, num_steps=num_steps, num_samples=num_samples,
                          lr=lr, progress=progress, **kw)
-        result.warm_start_nll = warm_nll
+        result.warm_start_nll, result.warm_start_skipped = warm_nll, skipped
         return result
     finally:
         for p in frozen:
