@@ -141,12 +141,21 @@ def distill_2d(steps, is_weight, lines):
 
 
 def kl_both_ways(teacher, student, n=4000):
-    """Monte Carlo KL(student || teacher) on student draws and KL(teacher || student) on teacher draws."""
-    with torch.no_grad():
-        x = student.sample((n,))
-        reverse = float((student.log_prob(x) - teacher.log_prob(x)).mean())
-        x = teacher.sample((n,))
-        forward = float((teacher.log_prob(x) - student.log_prob(x)).mean())
+    """Monte Carlo KL(student || teacher) on student draws and KL(teacher || student) on teacher draws;
+    the latter as text, with the count of teacher draws the student cannot score (its sequential
+    inverse overflows in float32) when there are any."""
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)  # let NaN through, count it
+    try:
+        with torch.no_grad():
+            x = student.sample((n,))
+            reverse = float((student.log_prob(x) - teacher.log_prob(x)).mean())
+            x = teacher.sample((n,))
+            ratio = teacher.log_prob(x) - student.log_prob(x)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+    bad = int((~torch.isfinite(ratio)).sum())
+    forward = f"{float(ratio.mean()):.3f}" if bad == 0 else f"inf ({bad} of {n} draws unscorable)"
     return reverse, forward
 
 
@@ -191,7 +200,7 @@ def distill_digits(teacher_epochs, kd_steps, warm_samples, warm_epochs, holdout,
         res = distill_flow(teacher, student, num_samples=256, lr=1e-3, progress=False, **{"num_steps": kd_steps, **kw})
         secs = time.perf_counter() - t0
         reverse, forward = kl_both_ways(teacher, student)
-        lines.append(f"| {label} | {reverse:.3f} | {forward:.3f} | {100 * res.ess:.1f}% | {res.khat:.2f} | "
+        lines.append(f"| {label} | {reverse:.3f} | {forward} | {100 * res.ess:.1f}% | {res.khat:.2f} | "
                      f"{secs:.0f} |")
         print(lines[-1], flush=True)
     t_teacher, t_student = time_sampling(teacher), time_sampling(student)
