@@ -300,7 +300,10 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     layer), both fine at moderate batch.  A rare far-out teacher draw can overflow the IAF's
     sequential inverse (its scales compound across layers); a minibatch with a non-finite
     loss or gradient is skipped and counted (``warm_start_skipped``) rather than stopping the
-    fit, which fails only if a whole epoch is skipped.
+    fit, which fails only if a whole epoch is skipped.  On the 64-D digits benchmark
+    (``docs/bench_distill.md``) the warm start lowered the KL, but more reverse-KL steps
+    with ``lr_schedule="cosine"`` lowered it further per second of compute, so it is off
+    by default.
 
     The teacher is frozen (its parameters get no gradients and are not updated) and given
     back trainable, in its original train/eval mode.  Other keywords go to :func:`distill`
