@@ -1,11 +1,12 @@
-"""Which flow should AutoFlow default to?  Short SVI runs on the funnel and eight schools.
+"""Which flow and training options should AutoFlow default to?  Short SVI runs on the
+funnel, eight schools and the logistic regression.
 
-Every candidate: the same SVI budget (Trace_ELBO, 1 particle, ClippedAdam lr 1e-2 decayed
-10x, as ``benchmarks/autoguides.py``), then PSIS k-hat and importance ESS from 4000 draws.
-Prints one markdown row per (problem, flow); the findings are recorded in
-docs/bench_autoguides.md.
+Every candidate: the same SVI budget (Trace_ELBO with ``--particles`` vectorised particles,
+ClippedAdam lr 1e-2 decayed 10x, as ``benchmarks/autoguides.py``), then PSIS k-hat and
+importance ESS from 4000 draws.  Prints one markdown row per (problem, candidate, seed); the
+findings are recorded in docs/bench_autoguides.md and in AutoFlow's docstring.
 
-    python benchmarks/autoflow_default.py --problems funnel --steps 1000
+    python benchmarks/autoflow_default.py --problems funnel --candidates default iaf2 --steps 1000
 """
 
 from __future__ import annotations
@@ -23,47 +24,76 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import eight_schools  # noqa: E402
 import funnel  # noqa: E402
+import logistic_regression  # noqa: E402
 
+from pyroflows import flows  # noqa: E402
 from pyroflows.infer import AutoFlow  # noqa: E402
 from pyroflows.infer.compare import fit_guide  # noqa: E402
+from pyroflows.transforms.elementwise import elementwise  # noqa: E402
+from pyroflows.transforms.transformers import Affine  # noqa: E402
 
+OLD = {"init_scale": 0.1, "linear": False, "stl": False}  # AutoFlow's settings before the STL study
+
+#: label -> (flow, AutoFlow keyword arguments)
 CANDIDATES = {
-    "nsf (bound 5)": ("nsf", {"bound": 5.0}),
-    "nsf (bound 10)": ("nsf", {"bound": 10.0}),
-    "nsf (AutoFlow default)": ("nsf", {}),
-    "realnvp": ("realnvp", {}),
-    "maf": ("maf", {}),
-    "iaf": ("iaf", {}),
+    "default": (None, {}),
+    "default, no STL": (None, {"stl": False}),
+    "nsf (old default)": ("nsf", OLD),
+    "iaf (old settings)": ("iaf", OLD),
+    "realnvp (old settings)": ("realnvp", OLD),
+    "maf (old settings)": ("maf", OLD),
+    "iaf, init_scale 1": ("iaf", {"init_scale": 1.0, "linear": False, "stl": False}),
+    "realnvp, init_scale 1": ("realnvp", {"init_scale": 1.0, "linear": False, "stl": False}),
+    "iaf2, no linear": ("iaf", {"num_layers": 2, "linear": False}),
+    "iaf2": ("iaf", {"num_layers": 2}),
+    "iaf2 bound 10": (lambda d: flows.iaf(d, num_layers=2, kind=Affine(10.0)), {}),
+    "iaf5": ("iaf", {}),
+    "iaf5 bound 10": (lambda d: flows.iaf(d, kind=Affine(10.0)), {}),
+    "nsf, new settings": ("nsf", {}),
+    # a full-covariance Gaussian (the linear layer alone) trained with STL: AutoMultivariateNormal + STL
+    "gaussian + STL": (lambda d: [elementwise(d, "affine")], {}),
+    "gaussian, no STL": (lambda d: [elementwise(d, "affine")], {"stl": False}),
 }
-PROBLEMS = {"funnel": (funnel.model, (10,)), "eight_schools": (eight_schools.model, ())}
+
+
+def problems():
+    x, y = logistic_regression.load_data()
+    return {"funnel": (funnel.model, (10,)), "eight_schools": (eight_schools.model, ()),
+            "logistic_regression": (logistic_regression.model, (x, y))}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--problems", nargs="*", default=list(PROBLEMS))
-    p.add_argument("--flows", nargs="*", default=list(CANDIDATES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--problems", nargs="*", default=["funnel", "eight_schools"])
+    p.add_argument("--candidates", nargs="*", default=["default"], help=f"from {list(CANDIDATES)}")
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print("| problem | flow | k-hat | ESS | final loss (mean of last 100) | wall s |\n|---|---|---|---|---|---|")
+    probs = problems()
+    print("| problem | candidate | seed | k-hat | ESS | final loss (mean of last 100) | wall s |\n"
+          "|---|---|---|---|---|---|---|")
     for problem in args.problems:
-        model, margs = PROBLEMS[problem]
-        for label in args.flows:
-            name, kw = CANDIDATES[label]
-            pyro.set_rng_seed(args.seed)
-            guide = AutoFlow(model, name, **kw)
-            t0 = time.perf_counter()
-            try:
-                losses = fit_guide(model, guide, *margs, num_steps=args.steps, lr=1e-2)
-            except ValueError as e:  # a NaN/inf parameter reaches the model: the fit diverged
-                print(f"| {problem} | {label} | diverged | - | - | {time.perf_counter() - t0:.0f} | "
-                      f"{str(e).splitlines()[0][:60]}", flush=True)
-                continue
-            secs = time.perf_counter() - t0
-            d = guide.diagnostics(*margs, num_samples=4000)
-            tail = sum(losses[-100:]) / len(losses[-100:])
-            print(f"| {problem} | {label} | {d.khat:.2f} | {100 * d.ess:.1f}% | {tail:.2f} | {secs:.0f} |", flush=True)
+        model, margs = probs[problem]
+        for label in args.candidates:
+            flow, kw = CANDIDATES[label]
+            for seed in args.seeds:
+                pyro.set_rng_seed(seed)
+                guide = AutoFlow(model, flow, **kw)
+                t0 = time.perf_counter()
+                try:
+                    losses = fit_guide(model, guide, *margs, num_steps=args.steps, lr=1e-2,
+                                       num_particles=args.particles)
+                except ValueError as e:  # a NaN/inf parameter reaches the model: the fit diverged
+                    print(f"| {problem} | {label} | {seed} | diverged | - | - | {time.perf_counter() - t0:.0f} | "
+                          f"{str(e).splitlines()[0][:60]}", flush=True)
+                    continue
+                secs = time.perf_counter() - t0
+                d = guide.diagnostics(*margs, num_samples=4000)
+                tail = sum(losses[-100:]) / len(losses[-100:])
+                print(f"| {problem} | {label} | {seed} | {d.khat:.2f} | {100 * d.ess:.1f}% | {tail:.2f} | {secs:.0f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def reference(num_warmup=1000, num_samples=4000, seed=0):
     return flatten_draws(samples, NAMES), seconds
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="nsf", seed=0,
-            methods=None, all_pyro=False, ref=None, centred_nuts=True):
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow=None, seed=0,
+            num_particles=1, methods=None, all_pyro=False, ref=None, centred_nuts=True):
     """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, seconds)`` of the
     non-centred NUTS reference (e.g. cached by ``benchmarks/autoguides.py``); ``centred_nuts``:
     add the row of NUTS on the centred model."""
@@ -73,7 +73,8 @@ def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(1000, 4000), flow="
             continue
         pyro.set_rng_seed(seed)
         rows.append(run_guide(name, model, make(), names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
-                              num_steps=num_steps, lr=lr, num_samples=num_samples))
+                              num_steps=num_steps, lr=lr, num_samples=num_samples,
+                              num_particles=num_particles))
         print(rows[-1], flush=True)
     if not centred_nuts:
         return rows
@@ -89,12 +90,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets (about a minute)")
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--particles", type=int, default=8, help="ELBO particles (vectorised), every guide")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         rows = compare(num_steps=300, num_samples=1000, nuts=(200, 800))
     else:
-        rows = compare(num_steps=args.steps)
+        rows = compare(num_steps=args.steps, num_particles=args.particles)
     print()
     print(markdown_table(rows, "Eight schools, centred (errors vs non-centred NUTS)"))
 

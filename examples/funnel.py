@@ -37,8 +37,8 @@ def exact_moments(dim: int = 10):
     return torch.zeros(1), torch.full((1,), 3.0)
 
 
-def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(300, 1000), flow="nsf", seed=0,
-            methods=None, all_pyro=False):
+def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(300, 1000), flow=None, seed=0,
+            num_particles=1, methods=None, all_pyro=False):
     """Fit every method; return the table rows."""
     ref_mean, ref_sd = exact_moments(dim)
     rows = []
@@ -47,7 +47,8 @@ def compare(dim=10, num_steps=3000, lr=1e-2, num_samples=4000, nuts=(300, 1000),
             continue
         pyro.set_rng_seed(seed)
         rows.append(run_guide(name, model, make(), dim, names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
-                              num_steps=num_steps, lr=lr, num_samples=num_samples))
+                              num_steps=num_steps, lr=lr, num_samples=num_samples,
+                              num_particles=num_particles))
         print(rows[-1], flush=True)
     if nuts:
         _, row = run_nuts(model, dim, names=NAMES, num_warmup=nuts[0], num_samples=nuts[1],
@@ -62,12 +63,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small budgets (about a minute)")
     p.add_argument("--dim", type=int, default=10)
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--particles", type=int, default=8, help="ELBO particles (vectorised), every guide")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         rows = compare(args.dim, num_steps=300, num_samples=1000, nuts=(100, 200))
     else:
-        rows = compare(args.dim, num_steps=args.steps)
+        rows = compare(args.dim, num_steps=args.steps, num_particles=args.particles)
     print()
     print(markdown_table(rows, f"{args.dim}-D funnel (errors vs exact moments)"))
 

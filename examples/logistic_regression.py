@@ -40,8 +40,8 @@ def model(x, y=None):
         pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
-def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="nsf", seed=0,
-            methods=None, all_pyro=False, ref=None):
+def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow=None, seed=0,
+            num_particles=1, methods=None, all_pyro=False, ref=None):
     """Fit every method; return the table rows.  ``ref``: precomputed ``(draws, Row)`` of the NUTS
     reference (e.g. cached by ``benchmarks/autoguides.py``)."""
     x, y = load_data()
@@ -57,7 +57,8 @@ def compare(num_steps=3000, lr=1e-2, num_samples=4000, nuts=(500, 2000), flow="n
             continue
         pyro.set_rng_seed(seed)
         rows.append(run_guide(name, model, make(), x, y, names=NAMES, ref_mean=ref_mean, ref_sd=ref_sd,
-                              num_steps=num_steps, lr=lr, num_samples=num_samples))
+                              num_steps=num_steps, lr=lr, num_samples=num_samples,
+                              num_particles=num_particles))
         print(rows[-1], flush=True)
     return rows + [nuts_row]
 
@@ -66,12 +67,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets (a few minutes)")
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--particles", type=int, default=8, help="ELBO particles (vectorised), every guide")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         rows = compare(num_steps=300, num_samples=1000, nuts=(200, 400))
     else:
-        rows = compare(num_steps=args.steps)
+        rows = compare(num_steps=args.steps, num_particles=args.particles)
     print()
     print(markdown_table(rows, "Logistic regression, breast cancer (errors vs NUTS)"))
 

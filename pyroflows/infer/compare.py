@@ -46,11 +46,14 @@ class Row:
 
 def fit_guide(model, guide, *args, num_steps: int = 2000, lr: float = 1e-2, num_particles: int = 1,
               progress: bool = False, **kwargs) -> list[float]:
-    """SVI with Adam (learning rate decayed 10x over the run) and ``Trace_ELBO``; returns the losses."""
+    """SVI with Adam (learning rate decayed 10x over the run) and ``Trace_ELBO``; returns the losses.
+    With ``num_particles > 1`` the particles are vectorised (the model must broadcast over a
+    leading batch dimension, as every model in ``examples/`` does)."""
     pyro.clear_param_store()
     gamma = 0.1 ** (1.0 / max(num_steps, 1))
     optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": gamma, "clip_norm": 10.0})
-    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=num_particles))
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    svi = SVI(model, guide, optim, elbo)
     steps = range(num_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -127,9 +130,9 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def standard_guides(model, flow="nsf", *, all_pyro: bool = False, **flow_kw) -> dict[str, Callable]:
+def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> dict[str, Callable]:
     """Factories of the compared guides: Pyro's AutoNormal, AutoMultivariateNormal,
-    AutoIAFNormal, and AutoFlow; with ``all_pyro=True`` every Pyro autoguide that has a
+    AutoIAFNormal, and AutoFlow (``flow=None``: its default); with ``all_pyro=True`` every Pyro autoguide that has a
     density over all latent sites (adds AutoDiagonalNormal, AutoLowRankMultivariateNormal,
     AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat)."""
     from pyro.infer import autoguide as ag
