@@ -28,6 +28,7 @@ import logistic_regression  # noqa: E402
 
 from pyroflows import flows  # noqa: E402
 from pyroflows.infer import AutoFlow  # noqa: E402
+from pyroflows.infer.autoguide import default_flow  # noqa: E402
 from pyroflows.infer.compare import fit_guide  # noqa: E402
 from pyroflows.transforms.elementwise import elementwise  # noqa: E402
 from pyroflows.transforms.transformers import Affine  # noqa: E402
@@ -53,6 +54,10 @@ CANDIDATES = {
     # a full-covariance Gaussian (the linear layer alone) trained with STL: AutoMultivariateNormal + STL
     "gaussian + STL": (lambda d: [elementwise(d, "affine")], {}),
     "gaussian, no STL": (lambda d: [elementwise(d, "affine")], {"stl": False}),
+    # a two-sided sinh-arcsinh layer on the base side (it can make exponential / polynomial tails
+    # that affine layers on a Gaussian base cannot), then the default flow
+    "default + sinh-arcsinh base layer": (
+        lambda d: [elementwise(d, "sinh_arcsinh"), *default_flow(d).transforms], {}),
 }
 
 

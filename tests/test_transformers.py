@@ -6,6 +6,8 @@ Splines (transformers with ``knot_positions``) also get the knot checks.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -279,3 +281,24 @@ def test_inverted_transformer_is_the_inverse_map(kind):
     assert torch.allclose(ld, dy.log(), atol=1e-8)  # elementwise: log h'(x)
     x_back, ld_back = t.inverse(y.detach(), p)
     assert torch.allclose(x_back, x, atol=1e-9) and torch.allclose(ld_back, ld, atol=1e-8)
+
+
+def test_sinh_arcsinh_has_separate_tail_weights_and_is_smooth_at_zero():
+    """Far out |g(x)| grows like |x|^{a_L} on the left and |x|^{a_R} on the right
+    (the tail shape changes, unlike the splines' identity tails); with a_L != a_R
+    the derivative is still continuous at 0."""
+    from pyroflows.transforms.transformers import SinhArcsinh
+
+    t = SinhArcsinh()
+    a_left, a_right = 2.0, 0.5
+    raw = lambda a: math.log(4.0) * math.atanh(math.log(a) / math.log(4.0))  # noqa: E731
+    p = torch.tensor([0.3, raw(a_left), raw(a_right)], dtype=torch.float64)
+    x = torch.tensor([-1e4, -1e5, 1e4, 1e5], dtype=torch.float64)
+    y, _ = t.forward(x, p)
+    slope = (y.abs().log().diff() / x.abs().log().diff())[[0, 2]]
+    assert torch.allclose(slope, torch.tensor([a_left, a_right], dtype=torch.float64), atol=1e-2)
+    h = torch.tensor([-1e-9, 1e-9], dtype=torch.float64)
+    _, ld = t.forward(h, p)
+    assert (ld[1] - ld[0]).abs() <= 1e-7
+    with pytest.raises(ValueError, match="max_tail"):
+        SinhArcsinh(max_tail=1.0)
