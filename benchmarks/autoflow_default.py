@@ -58,6 +58,9 @@ CANDIDATES = {
     # that affine layers on a Gaussian base cannot), then the default flow
     "default + sinh-arcsinh base layer": (
         lambda d: [elementwise(d, "sinh_arcsinh"), *default_flow(d).transforms], {}),
+    # the same layer on the data side of the flow (before AutoFlow's linear and affine layers)
+    "default + sinh-arcsinh data-side layer": (
+        lambda d: [*default_flow(d).transforms, elementwise(d, "sinh_arcsinh")], {}),
 }
 
 
