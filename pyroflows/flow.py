@@ -166,9 +166,10 @@ class Flow(nn.Module):
             return self(context).log_prob(x)
         return self._direct_log_prob(x)
 
-    def _direct_log_prob(self, x):
+    def _direct_log_prob(self, x, use_cache: bool = True):
         """``TransformedDistribution.log_prob`` without its per-transform overhead: one
-        ``inverse`` per layer (or the layer's cached pass, as Pyro's path would use it)."""
+        ``inverse`` per layer (or the layer's cached pass, as Pyro's path would use it;
+        ``use_cache=False`` always recomputes, e.g. under swapped-in parameters)."""
         base = self.base_distribution()
         if base.event_shape != self.event_shape:
             return self().log_prob(x)
@@ -180,7 +181,7 @@ class Flow(nn.Module):
         ladj = 0.0
         y = x
         for t in reversed(self._all_transforms):
-            entry = t._lookup(y=y)
+            entry = t._lookup(y=y) if use_cache else None
             if entry is not None:  # the flow's own sample: reuse its pass (free log_prob for IAF)
                 entry.valid = False
                 y, l_ = entry.x, entry.ladj

@@ -101,11 +101,10 @@ class _FlowDensity(torch.nn.Module):
 
     def forward(self, theta):
         u, ladj = self.standardise.inverse(theta)
-        outer = [] if self.linear is None else [self.linear]
-        for layer in outer + list(reversed(self.flow._all_transforms)):
-            u, l_k = layer.inverse(u)
-            ladj = ladj + l_k
-        return self.flow.base_distribution().log_prob(u) - ladj
+        if self.linear is not None:
+            u, l_linear = self.linear.inverse(u)
+            ladj = ladj + l_linear
+        return self.flow._direct_log_prob(u, use_cache=False) - ladj
 
 
 class _StickingTheLanding(TorchDistribution):
