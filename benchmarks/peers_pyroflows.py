@@ -63,9 +63,9 @@ def _roundtrip(flow):
     def roundtrip(x):
         z = x
         for t in reversed(layers):
-            z = t.inverse(z)[0]
+            z = t._inverse_and_ladj(z)[0]
         for t in layers:
-            z = t.forward(z)[0]
+            z = t._call_and_ladj(z)[0]
         return z
 
     return roundtrip
@@ -106,13 +106,13 @@ def build_pyroflows_compiled(spec):
     def log_prob_fn(x):
         z, ladj = x, 0.0
         for t in reversed(layers):
-            z, l_ = t.inverse(z)
+            z, l_ = t._inverse_and_ladj(z)
             ladj = ladj + l_
         return c - 0.5 * (z * z).sum(-1) - ladj
 
     def forward_fn(z):
         for t in layers:
-            z = t.forward(z)[0]
+            z = t._call_and_ladj(z)[0]
         return z
 
     lp_c = torch.compile(log_prob_fn, fullgraph=True)

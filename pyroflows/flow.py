@@ -181,12 +181,8 @@ class Flow(nn.Module):
         ladj = 0.0
         y = x
         for t in reversed(self._all_transforms):
-            entry = t._lookup(y=y) if use_cache else None
-            if entry is not None:  # the flow's own sample: reuse its pass (free log_prob for IAF)
-                entry.valid = False
-                y, l_ = entry.x, entry.ladj
-            else:
-                y, l_ = t.inverse(y)
+            # the flow's own sample reuses its pass (free log_prob for IAF)
+            y, l_ = t.inverse_and_ladj(y) if use_cache else t._inverse_pass(y)
             ladj = ladj + l_
         return base.log_prob(y) - ladj
 
@@ -198,9 +194,7 @@ class Flow(nn.Module):
             # TransformedDistribution.sample without its overhead: same draws, same cached passes
             x = self.base_distribution().sample(torch.Size(sample_shape))
             for t in self._all_transforms:
-                y, ladj = t.forward(x)
-                t._store(x, y, ladj)
-                x = y
+                x, _ = t.call_and_ladj(x)
             return x
 
     def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,11 +21,11 @@ class CountingAffine(Bijector):
         self.b = nn.Parameter(0.1 * torch.randn(dim))
         self.calls = {"forward": 0, "inverse": 0}
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         self.calls["forward"] += 1
         return x * self.s.exp() + self.b, self.s.sum().expand(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         self.calls["inverse"] += 1
         return (y - self.b) * (-self.s).exp(), self.s.sum().expand(y.shape[:-1])
 
@@ -37,11 +37,11 @@ class CountingConditionalShift(ConditionalBijector):
         self.net = nn.Linear(context_dim, dim)
         self.calls = 0
 
-    def forward(self, x, context):
+    def _call_and_ladj(self, x, context):
         self.calls += 1
         return x + self.net(context), x.new_zeros(torch.broadcast_shapes(x.shape[:-1], context.shape[:-1]))
 
-    def inverse(self, y, context):
+    def _inverse_and_ladj(self, y, context):
         self.calls += 1
         return y - self.net(context), y.new_zeros(torch.broadcast_shapes(y.shape[:-1], context.shape[:-1]))
 

@@ -23,7 +23,7 @@ def _count_calls(module):
 def test_starts_at_identity(kind):
     layer = T.spline_coupling(5, kind=kind, hidden=(8,))
     x = torch.randn(7, 5)
-    y, ladj = layer.forward(x)
+    y, ladj = layer._call_and_ladj(x)
     assert torch.allclose(y, x, atol=1e-6)
     assert torch.allclose(ladj, torch.zeros(7), atol=1e-6)
 
@@ -33,12 +33,12 @@ def test_masked_half_passes_unchanged_and_one_conditioner_pass(parity):
     layer = perturb_parameters(T.affine_coupling(5, hidden=(8,), parity=parity)).double()
     calls = _count_calls(layer.conditioner)
     x = torch.randn(4, 5, dtype=torch.float64)
-    y, _ = layer.forward(x)
+    y, _ = layer._call_and_ladj(x)
     assert len(calls) == 1
     mask = half_mask(5, parity)
     assert torch.equal(y[..., mask], x[..., mask])
     assert not torch.allclose(y[..., ~mask], x[..., ~mask])
-    x_back, _ = layer.inverse(y)
+    x_back, _ = layer._inverse_and_ladj(y)
     assert len(calls) == 2
     assert torch.allclose(x_back, x, atol=1e-10)
 
@@ -47,11 +47,11 @@ def test_any_mask_works():
     mask = torch.tensor([True, False, False, True, False, True])
     layer = perturb_parameters(T.spline_coupling(6, kind="piecewise_linear", hidden=(8,), mask=mask)).double()
     x = torch.randn(6, dtype=torch.float64)
-    y, ladj = layer.forward(x)
+    y, ladj = layer._call_and_ladj(x)
     assert torch.equal(y[mask], x[mask])
-    J = jacobian(lambda v: layer.forward(v)[0], x)
+    J = jacobian(lambda v: layer._call_and_ladj(v)[0], x)
     assert torch.allclose(ladj, torch.linalg.slogdet(J)[1], atol=1e-8)
-    assert torch.allclose(layer.inverse(y)[0], x, atol=1e-10)
+    assert torch.allclose(layer._inverse_and_ladj(y)[0], x, atol=1e-10)
 
 
 def test_generic_layer_with_custom_conditioner():
@@ -59,8 +59,8 @@ def test_generic_layer_with_custom_conditioner():
     mask = half_mask(4)
     layer = T.Coupling(transformer, MLP(2, 2 * 2, hidden=(8,), zero_init=False), mask).double()
     x = torch.randn(3, 4, dtype=torch.float64)
-    y, ladj = layer.forward(x)
-    x_back, ladj_inv = layer.inverse(y)
+    y, ladj = layer._call_and_ladj(x)
+    x_back, ladj_inv = layer._inverse_and_ladj(y)
     assert torch.allclose(x_back, x, atol=1e-10) and torch.allclose(ladj, ladj_inv, atol=1e-10)
 
 
@@ -81,10 +81,10 @@ def test_conditional_output_depends_on_context():
     layer = perturb_parameters(T.conditional_affine_coupling(4, 2, hidden=(8,))).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     c1, c2 = torch.randn(2, 2, dtype=torch.float64)
-    y1, l1 = layer.forward(x, c1)
-    y2, l2 = layer.forward(x, c2)
+    y1, l1 = layer._call_and_ladj(x, c1)
+    y2, l2 = layer._call_and_ladj(x, c2)
     assert not torch.allclose(y1, y2) and not torch.allclose(l1, l2)
-    assert torch.allclose(layer.inverse(y1, c1)[0], x, atol=1e-10)
+    assert torch.allclose(layer._inverse_and_ladj(y1, c1)[0], x, atol=1e-10)
 
 
 KINDS_LARGE = sorted(KINDS)
@@ -103,7 +103,7 @@ def assert_finite_both_ways(layer, rows, conditional):
     """Inputs far outside the spline bound: finite outputs, log-dets and gradients in both directions."""
     x = torch.tensor(rows, requires_grad=True)
     args = (x, torch.full((2,), 1e3)) if conditional else (x,)
-    for direction in (layer.forward, layer.inverse):
+    for direction in (layer._call_and_ladj, layer._inverse_and_ladj):
         y, ladj = direction(*args)
         assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
         (g,) = torch.autograd.grad(y.sum() + ladj.sum(), x)
@@ -115,13 +115,13 @@ def assert_finite_both_ways(layer, rows, conditional):
 def test_permutation_round_trip_and_zero_log_det():
     layer = T.permute(5, seed=2)
     x = torch.randn(3, 5)
-    y, ladj = layer.forward(x)
+    y, ladj = layer._call_and_ladj(x)
     assert torch.equal(y, x[..., layer.permutation])
     assert torch.equal(ladj, torch.zeros(3))
-    assert torch.equal(layer.inverse(y)[0], x)
+    assert torch.equal(layer._inverse_and_ladj(y)[0], x)
     assert torch.equal(T.permute(5, seed=2).permutation, layer.permutation)
-    assert torch.equal(T.reverse(4).forward(torch.arange(4.0))[0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
-    assert torch.equal(T.permute(3, permutation=[2, 0, 1]).forward(torch.tensor([0.0, 1, 2]))[0],
+    assert torch.equal(T.reverse(4)._call_and_ladj(torch.arange(4.0))[0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    assert torch.equal(T.permute(3, permutation=[2, 0, 1])._call_and_ladj(torch.tensor([0.0, 1, 2]))[0],
                        torch.tensor([2.0, 0, 1]))
 
 

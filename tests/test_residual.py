@@ -27,7 +27,7 @@ def test_memory_saving_gradients_equal_ordinary_backprop(direction):
     def grads(memory_saving):
         layer.memory_saving = memory_saving
         xi = x.clone().requires_grad_()
-        out, _ = layer.forward(xi) if direction == "forward" else layer.inverse(xi)
+        out, _ = layer._call_and_ladj(xi) if direction == "forward" else layer._inverse_and_ladj(xi)
         loss = (out.sin() * torch.arange(5.0)).sum()
         layer.zero_grad()
         loss.backward()
@@ -55,7 +55,7 @@ def test_memory_saving_stores_no_activations_inside_the_stack():
 
         x = torch.randn(64, 8, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer.forward(x)[0]
+            y = layer._call_and_ladj(x)[0]
         y.sum().backward()
         return sum(seen.values())
 
@@ -121,7 +121,7 @@ def test_fixed_point_failure_reports_the_residual(cheap):
     torch.manual_seed(0)
     layer = InvertibleResidual(3, coeff=0.95, cheap=cheap, max_iter=2)
     perturb_parameters(layer, 1.0)
-    solve = layer.inverse if cheap == "forward" else layer.forward
+    solve = layer._inverse_and_ladj if cheap == "forward" else layer._call_and_ladj
     with pytest.raises(ConvergenceError, match=r"did not converge in max_iter=2 .*residual reached \d"):
         solve(torch.randn(10, 3))
 
@@ -134,8 +134,8 @@ def test_fixed_point_inverse_and_its_gradient(cheap):
     torch.manual_seed(0)
     layer = InvertibleResidual(3, hidden=(8,), coeff=0.9, cheap=cheap)
     perturb_parameters(layer, 0.5)
-    solve = layer.inverse if cheap == "forward" else layer.forward
-    explicit = layer.forward if cheap == "forward" else layer.inverse
+    solve = layer._inverse_and_ladj if cheap == "forward" else layer._call_and_ladj
+    explicit = layer._call_and_ladj if cheap == "forward" else layer._inverse_and_ladj
     v = torch.randn(4, 3)
     u = solve(v)[0]
     assert (explicit(u)[0] - v).abs().max() < 1e-10
@@ -172,7 +172,7 @@ def _linear_case(seed=1, coeff=0.9):
 def _estimates(layer, n=20000):
     x = torch.randn(4).expand(n, 4)  # every row an independent estimate
     with torch.no_grad():
-        e = layer.forward(x)[1]
+        e = layer._call_and_ladj(x)[1]
     return e.mean(), e.std() / n ** 0.5
 
 
@@ -217,10 +217,10 @@ def test_neumann_gradient_is_unbiased(seed):
     def grad_of(out):
         return torch.autograd.grad(out, w)[0].reshape(-1)
 
-    exact = grad_of(layer.forward(x)[1])
+    exact = grad_of(layer._call_and_ladj(x)[1])
 
     def z_scores():
-        groups = torch.stack([grad_of(layer.forward(x.expand(1000, 4))[1].mean()) for _ in range(20)])
+        groups = torch.stack([grad_of(layer._call_and_ladj(x.expand(1000, 4))[1].mean()) for _ in range(20)])
         return (groups.mean(0) - exact) / (groups.std(0) / 20 ** 0.5)
 
     layer.log_det = "roulette"
@@ -232,7 +232,7 @@ def test_neumann_gradient_is_unbiased(seed):
 def test_series_gradient_flows():
     torch.manual_seed(0)
     layer = InvertibleResidual(4, hidden=(8,), log_det="series")
-    ld = layer.forward(torch.randn(5, 4))[1].sum()
+    ld = layer._call_and_ladj(torch.randn(5, 4))[1].sum()
     grads = torch.autograd.grad(ld, list(layer.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 

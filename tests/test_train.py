@@ -165,11 +165,11 @@ class ConditionalAffine(ConditionalBijector):
         t, s = self.net(context).chunk(2, -1)
         return t, s
 
-    def forward(self, x, context):
+    def _call_and_ladj(self, x, context):
         t, s = self._ts(context)
         return x * s.exp() + t, s.sum(-1).expand(x.shape[:-1])
 
-    def inverse(self, y, context):
+    def _inverse_and_ladj(self, y, context):
         t, s = self._ts(context)
         return (y - t) * (-s).exp(), s.sum(-1).expand(y.shape[:-1])
 

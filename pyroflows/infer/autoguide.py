@@ -100,9 +100,9 @@ class _FlowDensity(torch.nn.Module):
         self.standardise = standardise
 
     def forward(self, theta):
-        u, ladj = self.standardise.inverse(theta)
+        u, ladj = self.standardise._inverse_pass(theta)
         if self.linear is not None:
-            u, l_linear = self.linear.inverse(u)
+            u, l_linear = self.linear._inverse_pass(u)
             ladj = ladj + l_linear
         return self.flow._direct_log_prob(u, use_cache=False) - ladj
 

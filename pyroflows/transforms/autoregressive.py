@@ -110,10 +110,10 @@ class MaskedAutoregressive(_AutoregressiveMath, Bijector):
         super().__init__(cache_size=cache_size)
         self._setup(transformer, made)
 
-    def forward(self, z):
+    def _call_and_ladj(self, z):
         return self._sequential(z, None, self.transformer.forward)
 
-    def inverse(self, x):
+    def _inverse_and_ladj(self, x):
         return self._one_pass(x, None, self.transformer.inverse)
 
 
@@ -134,10 +134,10 @@ class InverseAutoregressive(_AutoregressiveMath, Bijector):
         super().__init__(cache_size=cache_size)
         self._setup(transformer, made)
 
-    def forward(self, z):
+    def _call_and_ladj(self, z):
         return self._one_pass(z, None, self.transformer.forward)
 
-    def inverse(self, x):
+    def _inverse_and_ladj(self, x):
         return self._sequential(x, None, self.transformer.inverse)
 
 
@@ -156,10 +156,10 @@ class ConditionalMaskedAutoregressive(_AutoregressiveMath, ConditionalBijector):
         self._setup(transformer, made)
         self.context_dim = made.context_dim
 
-    def forward(self, z, context):
+    def _call_and_ladj(self, z, context):
         return self._sequential(z, context, self.transformer.forward)
 
-    def inverse(self, x, context):
+    def _inverse_and_ladj(self, x, context):
         return self._one_pass(x, context, self.transformer.inverse)
 
 
@@ -176,10 +176,10 @@ class ConditionalInverseAutoregressive(_AutoregressiveMath, ConditionalBijector)
         self._setup(transformer, made)
         self.context_dim = made.context_dim
 
-    def forward(self, z, context):
+    def _call_and_ladj(self, z, context):
         return self._one_pass(z, context, self.transformer.forward)
 
-    def inverse(self, x, context):
+    def _inverse_and_ladj(self, x, context):
         return self._sequential(x, context, self.transformer.inverse)
 
 

@@ -1,9 +1,14 @@
 """The one base class through which every pyroflows layer writes its math.
 
-A layer implements two methods and nothing else::
+A layer implements two hooks and nothing else::
 
-    forward(x)  -> (y, log|det dy/dx|)     # the generative direction, x = f(z)
-    inverse(y)  -> (x, log|det dy/dx|)     # the normalizing direction
+    _call_and_ladj(x)     -> (y, log|det dy/dx|)   # the generative direction, x = f(z)
+    _inverse_and_ladj(y)  -> (x, log|det dy/dx|)   # the normalizing direction
+
+and everything else uses the two public, cache-aware passes built on them,
+``call_and_ladj(x)`` and ``inverse_and_ladj(y)`` (zuko's ``call_and_ladj``).
+``layer(x)`` and ``layer.forward(x)`` both return ``y`` alone, as an
+``nn.Module`` reader expects.
 
 Both return the log-determinant of the *forward* Jacobian, evaluated at the
 point ``x``, already summed over the event dimensions, so its shape is the
@@ -118,6 +123,32 @@ class _CachedPasses:
         self._store(x, y, ladj)
         return x
 
+    def call_and_ladj(self, x):
+        """``(y, log|det dy/dx|)`` for ``y = f(x)``: the one public forward pass.
+
+        Reuses (and hands out once) a cached pass on this very ``x``; a new pass
+        is cached so that ``log_abs_det_jacobian`` or ``inverse_and_ladj`` of its
+        output costs nothing."""
+        entry = self._lookup(x=x)
+        if entry is not None:
+            entry.valid = False
+            return entry.y, entry.ladj
+        y, ladj = self._forward_pass(x)
+        self._store(x, y, ladj)
+        return y, ladj
+
+    def inverse_and_ladj(self, y):
+        """``(x, log|det dy/dx|)`` for ``x = f^{-1}(y)``, the log-determinant of the
+        *forward* map at that ``x``: the one public inverse pass.  A cached pass
+        that produced this very ``y`` is reused (handed out once), so the flow's
+        own samples are scored for free; a new inverse pass is not cached (its
+        log-determinant has been handed out already)."""
+        entry = self._lookup(y=y)
+        if entry is not None:
+            entry.valid = False
+            return entry.x, entry.ladj
+        return self._inverse_pass(y)
+
     def _call(self, x):
         return self._forward_pass(x)[0]
 
@@ -169,11 +200,14 @@ class Bijector(_CachedPasses, _TensorList, TransformModule):
 
     Subclasses implement
 
-    * ``forward(x) -> (y, ladj)`` with :math:`y = f(x)` and
+    * ``_call_and_ladj(x) -> (y, ladj)`` with :math:`y = f(x)` and
       :math:`\mathrm{ladj} = \log|\det \partial f/\partial x|` summed over the
       event dimensions;
-    * ``inverse(y) -> (x, ladj)`` with :math:`x = f^{-1}(y)` and the same
-      forward log-determinant evaluated at that ``x``.
+    * ``_inverse_and_ladj(y) -> (x, ladj)`` with :math:`x = f^{-1}(y)` and the
+      same forward log-determinant evaluated at that ``x``.
+
+    Callers use the cache-aware public passes :meth:`call_and_ladj` and
+    :meth:`inverse_and_ladj`; ``layer(x)`` and ``layer.forward(x)`` return ``y``.
 
     ``domain``/``codomain`` default to ``real_vector`` (event_dim 1); image
     layers override them.  ``bijective = True``.  ``sign`` is only defined for
@@ -191,17 +225,21 @@ class Bijector(_CachedPasses, _TensorList, TransformModule):
     def __init__(self, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
 
-    def forward(self, x):  # pragma: no cover - abstract
+    def _call_and_ladj(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def inverse(self, y):  # pragma: no cover - abstract
+    def _inverse_and_ladj(self, y):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward(self, x):
+        """``y = f(x)``, the same as ``layer(x)`` (``nn.Module`` convention)."""
+        return self(x)
 
     def _forward_pass(self, x):
-        return self.forward(x)
+        return self._call_and_ladj(x)
 
     def _inverse_pass(self, y):
-        return self.inverse(y)
+        return self._inverse_and_ladj(y)
 
     def _training_flag(self):
         return self.training
@@ -220,8 +258,8 @@ class Bijector(_CachedPasses, _TensorList, TransformModule):
 class ConditionalBijector(_TensorList, ConditionalTransformModule):
     r"""Base class of every conditional pyroflows layer.
 
-    Subclasses implement ``forward(x, context)`` and ``inverse(y, context)``
-    with the same contract as :class:`Bijector`; ``context`` has shape
+    Subclasses implement ``_call_and_ladj(x, context)`` and
+    ``_inverse_and_ladj(y, context)`` with the same contract as :class:`Bijector`; ``context`` has shape
     ``(..., context_dim)`` and broadcasts against the batch shape of ``x``.
     ``condition(context)`` returns a :class:`ConditionedBijector`, a plain
     Pyro ``Transform`` bound to that context.
@@ -233,11 +271,23 @@ class ConditionalBijector(_TensorList, ConditionalTransformModule):
     exact_log_det = True
     context_dim: int
 
-    def forward(self, x, context):  # pragma: no cover - abstract
+    def _call_and_ladj(self, x, context):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def inverse(self, y, context):  # pragma: no cover - abstract
+    def _inverse_and_ladj(self, y, context):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward(self, x, context):
+        """``y = f(x; context)``, the same as ``layer.condition(context)(x)``."""
+        return self.condition(context)(x)
+
+    def call_and_ladj(self, x, context):
+        """``(y, log|det dy/dx|)`` given ``context`` (see :meth:`Bijector.call_and_ladj`)."""
+        return self.condition(context).call_and_ladj(x)
+
+    def inverse_and_ladj(self, y, context):
+        """``(x, log|det dy/dx|)`` given ``context`` (see :meth:`Bijector.inverse_and_ladj`)."""
+        return self.condition(context).inverse_and_ladj(y)
 
     __repr__ = torch.nn.Module.__repr__
 
@@ -280,10 +330,10 @@ class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
         return self.parent.sign
 
     def _forward_pass(self, x):
-        return self.parent.forward(x, self.context)
+        return self.parent._call_and_ladj(x, self.context)
 
     def _inverse_pass(self, y):
-        return self.parent.inverse(y, self.context)
+        return self.parent._inverse_and_ladj(y, self.context)
 
     def _cache_dependencies(self):
         return (*self.parent._cache_dependencies(), self.context)

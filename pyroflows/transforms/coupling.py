@@ -156,10 +156,10 @@ class Coupling(_CouplingMath, Bijector):
         super().__init__(cache_size=cache_size)
         self._setup(transformer, conditioner, mask)
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return self._couple(x, None, self.transformer.forward)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         return self._couple(y, None, self.transformer.inverse)
 
 
@@ -183,10 +183,10 @@ class ConditionalCoupling(_CouplingMath, ConditionalBijector):
         self._setup(transformer, conditioner, mask)
         self.context_dim = int(context_dim)
 
-    def forward(self, x, context):
+    def _call_and_ladj(self, x, context):
         return self._couple(x, context, self.transformer.forward)
 
-    def inverse(self, y, context):
+    def _inverse_and_ladj(self, y, context):
         return self._couple(y, context, self.transformer.inverse)
 
 

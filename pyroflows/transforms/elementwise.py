@@ -76,11 +76,11 @@ class Elementwise(Bijector):
         self.domain = self.codomain = domain
         self.params = nn.Parameter(transformer.identity_params().expand(input_dim, -1).clone())
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         y, ladj = self.transformer.forward(x, self.params)
         return y, ladj.sum(-1)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         x, ladj = self.transformer.inverse(y, self.params)
         return x, ladj.sum(-1)
 
@@ -123,12 +123,12 @@ class ConditionalElementwise(ConditionalBijector):
         batch = torch.broadcast_shapes(x.shape[:-1], params.shape[:-2])
         return params, x.expand(*batch, x.shape[-1])
 
-    def forward(self, x, context):
+    def _call_and_ladj(self, x, context):
         params, x = self._params_and_input(x, context)
         y, ladj = self.transformer.forward(x, params)
         return y, ladj.sum(-1)
 
-    def inverse(self, y, context):
+    def _inverse_and_ladj(self, y, context):
         params, y = self._params_and_input(y, context)
         x, ladj = self.transformer.inverse(y, params)
         return x, ladj.sum(-1)
@@ -159,12 +159,12 @@ class LeakyReLU(Bijector):
         self.event_shape = (check_input_dim(input_dim),)
         self.log_slope = nn.Parameter(torch.full((input_dim,), float(negative_slope)).log())
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         neg = x < 0
         y = torch.where(neg, x * self.log_slope.exp(), x)
         return y, torch.where(neg, self.log_slope, torch.zeros_like(x)).sum(-1)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         neg = y < 0
         x = torch.where(neg, y * (-self.log_slope).exp(), y)
         return x, torch.where(neg, self.log_slope, torch.zeros_like(y)).sum(-1)
@@ -187,10 +187,10 @@ class Sigmoid(Bijector):
     def _ladj(x):
         return (-F.softplus(-x) - F.softplus(x)).sum(-1)
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return torch.sigmoid(x), self._ladj(x)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         finfo = torch.finfo(y.dtype)
         y = y.clamp(finfo.tiny, 1 - finfo.eps)
         x = torch.log(y) - torch.log1p(-y)
@@ -215,13 +215,13 @@ class Logit(Bijector):
     def _ladj_from_y(y):
         return (F.softplus(-y) + F.softplus(y)).sum(-1)
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         finfo = torch.finfo(x.dtype)
         x = x.clamp(finfo.tiny, 1 - finfo.eps)
         y = torch.log(x) - torch.log1p(-x)
         return y, self._ladj_from_y(y)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         return torch.sigmoid(y), self._ladj_from_y(y)
 
 

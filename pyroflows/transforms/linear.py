@@ -152,12 +152,12 @@ class LU(Bijector):
         lower, upper = self._factors()
         return (lower @ upper)[self.permutation]
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         lower, upper = self._factors()
         y = ((x @ upper.T) @ lower.T)[..., self.permutation] + self.bias
         return y, _batch_ladj(self.log_abs_diag.sum(), x)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         lower, upper = self._factors()
         z = _rows((y - self.bias)[..., self.inverse_permutation])  # P^T (y - b), as rows
         # rows: x^T (U+D)^T L^T = z^T, solved one triangle at a time
@@ -216,10 +216,10 @@ class Triangular(Bijector):
         """The assembled lower-triangular :math:`L`."""
         return torch.tril(self.lower, -1) + torch.diag(self.log_diag.exp())
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return x @ self.matrix().T + self.bias, _batch_ladj(self.log_diag.sum(), x)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         x = torch.linalg.solve_triangular(self.matrix().T, _rows(y - self.bias), upper=True, left=False)
         x = x.reshape(y.shape)
         return x, _batch_ladj(self.log_diag.sum(), x)
@@ -298,10 +298,10 @@ class Householder(Bijector):
         eye = torch.eye(self.event_shape[0], dtype=self.vectors.dtype, device=self.vectors.device)
         return householder_reflect(eye, self.vectors).T
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return householder_reflect(x, self.vectors), x.new_zeros(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         return householder_reflect(y, self.vectors, reverse=True), y.new_zeros(y.shape[:-1])
 
 
@@ -327,11 +327,11 @@ class ConditionalHouseholder(ConditionalBijector):
     def _vectors(self, context):
         return self.vectors + self.net(context).unflatten(-1, self.vectors.shape)
 
-    def forward(self, x, context):
+    def _call_and_ladj(self, x, context):
         y = householder_reflect(x, self._vectors(context))
         return y, y.new_zeros(y.shape[:-1])
 
-    def inverse(self, y, context):
+    def _inverse_and_ladj(self, y, context):
         x = householder_reflect(y, self._vectors(context), reverse=True)
         return x, x.new_zeros(x.shape[:-1])
 
@@ -364,10 +364,10 @@ class Dense(Bijector):
         """The matrix :math:`W`."""
         return self.weight
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return x @ self.weight.T + self.bias, _batch_ladj(torch.linalg.slogdet(self.weight)[1], x)
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         x = torch.linalg.solve(self.weight.T, _rows(y - self.bias), left=False).reshape(y.shape)
         return x, _batch_ladj(torch.linalg.slogdet(self.weight)[1], x)
 

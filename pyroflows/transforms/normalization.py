@@ -70,14 +70,14 @@ class ActNorm(Bijector):
             self.log_scale.zero_()
         self.initialized.fill_(True)
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         if not self.initialized:
             with torch.no_grad():
                 self.initialized.fill_(True)
         y = x * self.log_scale.exp() + self.shift
         return y, self.log_scale.sum().expand(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         if not self.initialized:
             self.initialize(y)
         x = (y - self.shift) * (-self.log_scale).exp()
@@ -137,12 +137,12 @@ class BatchNorm(Bijector):
         """Forward log-scale :math:`\\tfrac12\\log(\\sigma^2+\\epsilon) - \\log\\gamma` per dimension."""
         return 0.5 * torch.log(var + self.epsilon) - self.log_gamma
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         log_scale = self._log_scale(self.running_var)
         y = (x - self.beta) * log_scale.exp() + self.running_mean
         return y, log_scale.sum().expand(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         if self.training:
             rows = _rows(y)
             if rows.shape[0] < 2:

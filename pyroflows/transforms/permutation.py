@@ -34,10 +34,10 @@ class Permutation(Bijector):
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return x[..., self.permutation], x.new_zeros(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         return y[..., self.inverse_permutation], y.new_zeros(y.shape[:-1])
 
     def extra_repr(self):

@@ -119,12 +119,12 @@ def _planar_params(theta, D):
 
 
 class _PlanarMath:
-    def forward(self, z, context=None):
+    def _call_and_ladj(self, z, context=None):
         u_hat, w, b, m = _planar_params(self._theta(context), self.event_shape[0])
         th = torch.tanh((w * z).sum(-1) + b)
         return z + u_hat * th[..., None], torch.log1p(m * (1 - th * th))
 
-    def inverse(self, y, context=None):
+    def _inverse_and_ladj(self, y, context=None):
         u_hat, w, b, m = _planar_params(self._theta(context), self.event_shape[0])
         s = solve_tanh_equation((w * y).sum(-1) + b, m, torch.ones_like(m), torch.zeros_like(m),
                                 self.tol, self.max_iter, f"{type(self).__name__} inverse")
@@ -191,14 +191,14 @@ class _RadialMath:
         h = 1 / (alpha + r)
         return (D - 1) * torch.log1p(beta * h) + torch.log1p(alpha * beta * h * h)
 
-    def forward(self, z, context=None):
+    def _call_and_ladj(self, z, context=None):
         z0, alpha, beta = _radial_params(self._theta(context), self.event_shape[0])
         diff = z - z0
         r = torch.linalg.vector_norm(diff, dim=-1)
         y = z + (beta / (alpha + r))[..., None] * diff
         return y, self._ladj(r, alpha, beta)
 
-    def inverse(self, y, context=None):
+    def _inverse_and_ladj(self, y, context=None):
         z0, alpha, beta = _radial_params(self._theta(context), self.event_shape[0])
         diff = y - z0
         R = torch.linalg.vector_norm(diff, dim=-1)
@@ -314,14 +314,14 @@ class _SylvesterMath:
         d = R.diagonal(dim1=-2, dim2=-1) * Rt.diagonal(dim1=-2, dim2=-1)
         return torch.log1p(d * (1 - h * h)).sum(-1)
 
-    def forward(self, z, context=None):
+    def _call_and_ladj(self, z, context=None):
         Q, R, Rt, b = self._params(context)
         q = (z[..., None, :] @ Q)[..., 0, :]  # Q^T z
         h = torch.tanh((q[..., None, :] @ Rt.transpose(-1, -2))[..., 0, :] + b)
         y = z + (Q @ (R @ h[..., :, None]))[..., 0]
         return y, self._ladj(R, Rt, h)
 
-    def inverse(self, y, context=None):
+    def _inverse_and_ladj(self, y, context=None):
         Q, R, Rt, b = self._params(context)
         M = self.num_vectors
         qy = (y[..., None, :] @ Q)[..., 0, :]

@@ -156,10 +156,10 @@ class ReversibleResidual(Bijector):
             x = do(x)
         return x
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         return self._run(x, reverse=False), x.new_zeros(x.shape[:-1])
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         return self._run(y, reverse=True), y.new_zeros(y.shape[:-1])
 
     def extra_repr(self):
@@ -384,13 +384,13 @@ class InvertibleResidual(Bijector):
         params = [p for p in self.g.parameters() if p.requires_grad]
         return _ImplicitInverse.apply(v, self, *params)
 
-    def forward(self, x):
+    def _call_and_ladj(self, x):
         if self.cheap == "forward":
             return self._explicit(x)
         y = self._solve(x)
         return y, -self._explicit(y)[1]
 
-    def inverse(self, y):
+    def _inverse_and_ladj(self, y):
         if self.cheap == "inverse":
             x, ld = self._explicit(y)
             return x, -ld
