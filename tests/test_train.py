@@ -111,14 +111,33 @@ class Exploding(nn.Module):
         return -0.5 * (x[..., 0] - 10 * self.w) ** 2 + torch.log(2.0 - self.w)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_parameters():
+def test_non_finite_step_is_skipped_restored_and_counted():
+    """One policy (NonFiniteGuard): a step with a NaN loss is skipped, the parameters go back to
+    the last finite ones, a warning is issued and the skip is counted; training goes on."""
     model = Exploding()
     x = torch.full((64, 1), 30.0)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        fit(model, x, epochs=50, batch_size=16, lr=0.9, clip_grad=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="skipped a step with a non-finite loss"):
+        hist = fit(model, x, epochs=50, batch_size=16, lr=0.9, clip_grad=None, progress=False)
+    assert hist.skipped_steps >= 1 and len(hist.train_nll) == 50
+    assert all(math.isfinite(v) for v in hist.train_nll)
     w = float(model.w.detach())
     assert math.isfinite(w) and w < 2.0
     assert math.isfinite(float(model.log_prob(x).mean().detach()))
+
+
+class AlwaysNaN(Exploding):
+    """Its log density is NaN at every x > 1, whatever the parameter."""
+
+    def log_prob(self, x):
+        return -0.5 * (x[..., 0] - self.w) ** 2 + torch.log(1.0 - x[..., 0])
+
+
+def test_non_finite_steps_in_a_row_stop_with_the_last_good_parameters():
+    model = AlwaysNaN()
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="non-finite loss or gradient in 3 "
+                                                                               "consecutive steps"):
+        fit(model, torch.full((64, 1), 2.0), epochs=5, batch_size=16, lr=0.1, progress=False, max_nonfinite=3)
+    assert float(model.w.detach()) == 0.0  # never moved: no step had a finite loss
 
 
 def test_gradient_clipping_bounds_the_step():
