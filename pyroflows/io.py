@@ -34,6 +34,9 @@ is a dict with ``format`` ``"pyroflows-checkpoint"``, ``format_version``,
 ``optimizer`` (Adam's state dict), ``history`` (a dict of lists), ``best``,
 ``best_state``, ``since_best`` and ``generator`` (the shuffling RNG state).
 
+The command line's data files are numeric CSV tables (:func:`read_csv`,
+:func:`write_csv`).
+
 Every problem with a file (missing, a directory, empty, truncated, not a
 torch file, needs unpickling, wrong format tag, missing key, wrong type,
 parameters of another architecture) raises :class:`FileFormatError`, a
@@ -43,8 +46,13 @@ line prints it as ``pyroflows: error: PATH: problem``.
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import math
 import os
 import re
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -59,9 +67,11 @@ __all__ = [
     "LoadedModel",
     "load_checkpoint",
     "load_model",
+    "read_csv",
     "read_file",
     "save_checkpoint",
     "save_model",
+    "write_csv",
     "write_file",
 ]
 
@@ -121,8 +131,13 @@ def write_file(path, payload: dict) -> None:
     _check_plain(payload, "the saved data")
     tmp = f"{os.fspath(path)}.tmp"
     try:
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"no such directory {parent}", os.fspath(path))
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch reports some I/O failures as RuntimeError
+        raise OSError(errno.EIO, (str(e).splitlines() or [""])[0], os.fspath(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -384,3 +399,87 @@ def load_checkpoint(path, flow: torch.nn.Module) -> dict:
     if data["generator"].dtype != torch.uint8:
         raise FileFormatError(path, "'generator' must be a uint8 tensor (a torch.Generator state)")
     return data
+
+
+# ----------------------------------------------------------------------
+# CSV tables (the command line's data files)
+def _open_text(path: str):
+    if path == "-":
+        return io.StringIO(sys.stdin.read())
+    p = Path(path)
+    if not p.exists():
+        raise FileFormatError(path, "no such file")
+    if p.is_dir():
+        raise FileFormatError(path, "is a directory, expected a CSV file")
+    try:
+        return open(p, newline="", encoding="utf-8")
+    except OSError as e:
+        raise FileFormatError(path, f"cannot read ({e.strerror})") from None
+
+
+def _parse_row(path: str, lineno: int, row: list[str]) -> list[float]:
+    values = []
+    for v in row:
+        try:
+            values.append(float(v))
+        except ValueError:
+            raise FileFormatError(f"{path}:{lineno}", f"{v.strip()!r} is not a number") from None
+    if not all(math.isfinite(v) for v in values):
+        raise FileFormatError(f"{path}:{lineno}", "NaN or infinite value")
+    return values
+
+
+def read_csv(path: str) -> tuple[torch.Tensor, list[str] | None]:
+    """Read a numeric CSV (optional header row; ``"-"`` is standard input) into an
+    ``(N, D)`` float32 tensor and the header.
+
+    Blank lines are skipped.  Raises :class:`FileFormatError` naming
+    ``file:line`` for a row of the wrong length, a value that is not a number,
+    or NaN/inf.
+    """
+    header, rows = None, []
+    with _open_text(path) as f:
+        try:
+            for lineno, row in enumerate(csv.reader(f), start=1):
+                if not row or all(not v.strip() for v in row):
+                    continue
+                width = len(header) if header is not None else len(rows[0]) if rows else None
+                if width is not None and len(row) != width:
+                    raise FileFormatError(f"{path}:{lineno}", f"expected {width} values, got {len(row)}")
+                if header is None and not rows and not all(_is_float(v) for v in row):
+                    header = [v.strip() for v in row]
+                    continue
+                rows.append(_parse_row(path, lineno, row))
+        except UnicodeDecodeError:
+            raise FileFormatError(path, "not a text CSV file (cannot decode as UTF-8)") from None
+        except csv.Error as e:
+            raise FileFormatError(path, f"malformed CSV ({e})") from None
+    if not rows:
+        raise FileFormatError(path, "no data rows")
+    return torch.tensor(rows, dtype=torch.float32), header
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def write_csv(rows, header: list[str] | None, out: str | None, fmt: str = "{:.6g}") -> None:
+    """Write ``rows`` (floats formatted with ``fmt``) with an optional header to the
+    file ``out`` or, for ``None``/``"-"``, standard output.  Raises ``OSError``."""
+    def write(f):
+        w = csv.writer(f, lineterminator="\n")
+        if header:
+            w.writerow(header)
+        for r in rows:
+            w.writerow([fmt.format(v) if isinstance(v, float) else v for v in r])
+
+    if out in (None, "-"):
+        write(sys.stdout)
+        sys.stdout.flush()
+        return
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        write(f)
