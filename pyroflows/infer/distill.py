@@ -129,6 +129,27 @@ def _cosine(step: int, num_steps: int, floor: float = 0.01) -> float:
 _SCHEDULES = {"constant": lambda step, num_steps: 1.0, "cosine": _cosine}
 
 
+def _check_distill_args(flow, num_steps, num_samples, beta0, is_forward_kl_weight, lr_schedule, target_samples):
+    """distill's argument checks; returns ``target_samples`` as a tensor (or ``None``)."""
+    if num_steps < 0 or num_samples < 1:
+        raise ValueError(f"need num_steps >= 0 and num_samples >= 1, got {num_steps}, {num_samples}")
+    if not 0 < beta0 <= 1:
+        raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
+    if not (math.isfinite(is_forward_kl_weight) and is_forward_kl_weight >= 0):
+        raise ValueError(f"is_forward_kl_weight must be a finite number >= 0, got {is_forward_kl_weight!r}")
+    if lr_schedule not in _SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {lr_schedule!r}")
+    if target_samples is not None:
+        target_samples = torch.as_tensor(target_samples)
+        event = tuple(_as_distribution(flow).event_shape)
+        if target_samples.dim() != 1 + len(event) or tuple(target_samples.shape[1:]) != event:
+            raise ValueError(f"target_samples must have shape (M, {', '.join(map(str, event))}), "
+                             f"got {tuple(target_samples.shape)}")
+        if not torch.isfinite(target_samples).all():
+            raise ValueError("target_samples contain NaN or inf")
+    return target_samples
+
+
 def _reverse_kl_loss(flow, log_density, num_samples, beta, step, target_samples, fwd_n, forward_kl_weight,
                      is_forward_kl_weight) -> torch.Tensor:
     """One step's loss: the tempered reverse KL plus the optional forward-KL terms
@@ -193,23 +214,9 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
             non-finite values at finite points.
         FloatingPointError: ``max_nonfinite`` consecutive non-finite steps.
     """
-    if num_steps < 0 or num_samples < 1:
-        raise ValueError(f"need num_steps >= 0 and num_samples >= 1, got {num_steps}, {num_samples}")
-    if not 0 < beta0 <= 1:
-        raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
-    if not (math.isfinite(is_forward_kl_weight) and is_forward_kl_weight >= 0):
-        raise ValueError(f"is_forward_kl_weight must be a finite number >= 0, got {is_forward_kl_weight!r}")
-    if lr_schedule not in _SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {lr_schedule!r}")
+    target_samples = _check_distill_args(flow, num_steps, num_samples, beta0, is_forward_kl_weight, lr_schedule,
+                                         target_samples)
     params = [p for p in flow.parameters() if p.requires_grad]
-    if target_samples is not None:
-        target_samples = torch.as_tensor(target_samples)
-        event = tuple(_as_distribution(flow).event_shape)
-        if target_samples.dim() != 1 + len(event) or tuple(target_samples.shape[1:]) != event:
-            raise ValueError(f"target_samples must have shape (M, {', '.join(map(str, event))}), "
-                             f"got {tuple(target_samples.shape)}")
-        if not torch.isfinite(target_samples).all():
-            raise ValueError("target_samples contain NaN or inf")
     opt = optimizer or torch.optim.Adam(params, lr=lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     result = DistillResult()
@@ -245,14 +252,18 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
         bar.close()
     for g, g_lr in zip(opt.param_groups, base_lrs):
         g["lr"] = g_lr
-    with torch.no_grad():
-        d = _as_distribution(flow)
-        x = d.sample((num_eval_samples,))
-        log_w = _check_log_density(log_density(x), x, num_steps) - d.log_prob(x)
-    diag = importance_diagnostics(log_w)
+    _evaluate(flow, log_density, num_eval_samples, num_steps, result)
+    return result
+
+
+@torch.no_grad()
+def _evaluate(flow, log_density, num_samples: int, step: int, result: DistillResult) -> None:
+    """Importance-sampled log Z, ESS, k-hat and ELBO from fresh draws of the flow, into ``result``."""
+    d = _as_distribution(flow)
+    x = d.sample((num_samples,))
+    diag = importance_diagnostics(_check_log_density(log_density(x), x, step) - d.log_prob(x))
     result.log_z, result.log_z_se, result.ess, result.khat, result.elbo = (
         diag.log_evidence, diag.log_evidence_se, diag.ess, diag.khat, diag.elbo)
-    return result
 
 
 def _event_shape(flow, name) -> tuple[int, ...]:
@@ -291,6 +302,16 @@ def _warm_start(student, pool, epochs, batch_size, lr, clip_grad, progress, max_
                 total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         history.append(total / count if count else math.nan)
     return history, guard.skipped
+
+
+def _check_warm_start_args(warm_start_samples, warm_start_epochs) -> None:
+    if isinstance(warm_start_samples, bool) or not isinstance(warm_start_samples, int) or warm_start_samples < 0:
+        raise ValueError(f"warm_start_samples must be a non-negative int, got {warm_start_samples!r}")
+    if warm_start_samples and not (isinstance(warm_start_epochs, int) and warm_start_epochs >= 1):
+        raise ValueError(f"warm_start_epochs must be a positive int, got {warm_start_epochs!r}")
+    if 0 < warm_start_samples < 20:
+        raise ValueError(f"warm_start_samples={warm_start_samples} is too few to fit a flow to; use 0 (no warm "
+                         f"start) or at least 20")
 
 
 def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_samples: int = 256,
@@ -349,13 +370,7 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     t_event, s_event = _event_shape(teacher, "teacher"), _event_shape(student, "student")
     if t_event != s_event:
         raise ValueError(f"teacher and student must have the same event shape, got {t_event} and {s_event}")
-    if isinstance(warm_start_samples, bool) or not isinstance(warm_start_samples, int) or warm_start_samples < 0:
-        raise ValueError(f"warm_start_samples must be a non-negative int, got {warm_start_samples!r}")
-    if warm_start_samples and not (isinstance(warm_start_epochs, int) and warm_start_epochs >= 1):
-        raise ValueError(f"warm_start_epochs must be a positive int, got {warm_start_epochs!r}")
-    if 0 < warm_start_samples < 20:
-        raise ValueError(f"warm_start_samples={warm_start_samples} is too few to fit a flow to; use 0 (no warm "
-                         f"start) or at least 20")
+    _check_warm_start_args(warm_start_samples, warm_start_epochs)
     frozen = [p for p in teacher.parameters() if p.requires_grad]
     was_training = teacher.training
     teacher.eval()
