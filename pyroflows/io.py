@@ -192,7 +192,7 @@ def read_file(path, kind: str) -> dict:
         data = _migrate_model_v1(path, data)
     tag = data.get("format") if isinstance(data, dict) else None
     if tag != kind:
-        if tag in _FORMATS:
+        if isinstance(tag, str) and tag in _FORMATS:
             raise FileFormatError(path, f"is a pyroflows {_FORMATS[tag][0]}, not a {what}")
         shown = f"format tag {tag!r}" if tag is not None else "no pyroflows format tag"
         raise FileFormatError(path, f"not a pyroflows {what} ({shown}; a file from another program?)")
@@ -378,6 +378,15 @@ def save_checkpoint(path, state: dict) -> None:
                       "pyroflows_version": _version(), **state})
 
 
+def _check_optimizer(path, opt: dict, flow: torch.nn.Module) -> None:
+    groups = opt.get("param_groups")
+    if not (isinstance(opt.get("state"), dict) and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise FileFormatError(path, "'optimizer' is not an optimizer state dict")
+    if sum(len(g["params"]) for g in groups) != sum(1 for p in flow.parameters() if p.requires_grad):
+        raise FileFormatError(path, "'optimizer' was saved for a different number of parameters")
+
+
 def load_checkpoint(path, flow: torch.nn.Module) -> dict:
     """Read a checkpoint safely and check it against ``flow`` (same keys and shapes)
     before anything is changed; raises :class:`FileFormatError` otherwise."""
@@ -387,15 +396,11 @@ def load_checkpoint(path, flow: torch.nn.Module) -> dict:
     _check_state_dict(path, "flow", data["flow"], flow, "the one being fitted")
     if _field(path, data, "best_state", dict, optional=True) is not None:
         _check_state_dict(path, "best_state", data["best_state"], flow, "the one being fitted")
-    opt = data["optimizer"]
-    if not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
-        raise FileFormatError(path, "'optimizer' is not an optimizer state dict")
-    n_params = sum(len(g.get("params", ())) for g in opt["param_groups"] if isinstance(g, dict))
-    if n_params != sum(1 for p in flow.parameters() if p.requires_grad):
-        raise FileFormatError(path, "'optimizer' was saved for a different number of parameters")
+    _check_optimizer(path, data["optimizer"], flow)
     history = data["history"]
-    if not all(isinstance(history.get(k), list) for k in ("train_nll", "val_nll")):
-        raise FileFormatError(path, "'history' must hold the lists 'train_nll' and 'val_nll'")
+    if not all(isinstance(history.get(k), list) and all(isinstance(v, (int, float)) for v in history[k])
+               for k in ("train_nll", "val_nll")):
+        raise FileFormatError(path, "'history' must hold the lists of numbers 'train_nll' and 'val_nll'")
     if data["generator"].dtype != torch.uint8:
         raise FileFormatError(path, "'generator' must be a uint8 tensor (a torch.Generator state)")
     return data

@@ -138,3 +138,30 @@ def test_checkpoint_of_another_architecture_and_a_model_file(tmp_path, model_fil
     save_checkpoint(tmp_path / "partial.pt", {"flow": {}})
     with pytest.raises(FileFormatError, match="missing key 'optimizer'"):
         load_checkpoint(tmp_path / "partial.pt", make_flow("elementwise", 2))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(format=["pyroflows-model"]), "format tag"),
+    (lambda d: d.update(flow="nsf"), "'flow' must be a dict"),
+    (lambda d: d["flow"].update(input_dim="2"), "'input_dim' must be a int or list"),
+    (lambda d: d.update(state_dict={"x": 1}), "dict of tensors"),
+    (lambda d: d.update(train_log_prob=torch.zeros(2, 2)), "must be 1-D"),
+])
+def test_wrong_types_inside_a_model_file(model_file, tmp_path, change, match):
+    bad = edit(model_file[0], tmp_path / "bad.pt", change)
+    with pytest.raises(FileFormatError, match=match):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d["optimizer"].update(param_groups=[{"params": 3}]), "not an optimizer state dict"),
+    (lambda d: d["history"].update(train_nll=["x"]), "lists of numbers"),
+    (lambda d: d.update(generator=torch.zeros(3)), "uint8"),
+    (lambda d: d.update(best="low"), "'best' must be a float or int"),
+])
+def test_wrong_types_inside_a_checkpoint(tmp_path, change, match):
+    ck = tmp_path / "ck.pt"
+    fit(make_flow("elementwise", 2), torch.randn(20, 2), epochs=1, batch_size=10, progress=False, checkpoint=ck)
+    bad = edit(ck, tmp_path / "bad.pt", change)
+    with pytest.raises(FileFormatError, match=match):
+        load_checkpoint(bad, make_flow("elementwise", 2))
