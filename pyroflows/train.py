@@ -420,7 +420,8 @@ def _run_epoch(epoch, model, state, x, c, order, o: _Options, guard, dist) -> fl
 
 
 def _progress_bar(o: _Options, rank: int, start: int):
-    if not (o.progress is not False and rank == 0 and sys.stderr.isatty() and o.epochs > start):
+    wanted = True if o.progress is None else bool(o.progress)  # None: auto, i.e. on a terminal only
+    if not (wanted and rank == 0 and sys.stderr.isatty() and o.epochs > start):
         return None
     from tqdm.auto import tqdm
 
