@@ -165,3 +165,16 @@ def test_wrong_types_inside_a_checkpoint(tmp_path, change, match):
     bad = edit(ck, tmp_path / "bad.pt", change)
     with pytest.raises(FileFormatError, match=match):
         load_checkpoint(bad, make_flow("elementwise", 2))
+
+
+def test_an_old_full_pickle_checkpoint_is_refused_saying_why(tmp_path):
+    """Checkpoints of the first release pickled a History object: refused, not unpickled."""
+    from pyroflows.train import History
+
+    flow = make_flow("elementwise", 2)
+    old = tmp_path / "old.pt"
+    torch.save({"flow": flow.state_dict(), "optimizer": {}, "history": History(), "best": 1.0, "best_state": None,
+                "since_best": 0, "generator": torch.Generator().get_state()}, old)
+    with pytest.raises(FileFormatError, match=r"refused: the file imports 'pyroflows\.train\.History': loading it "
+                                              r"would unpickle Python objects, which can run code"):
+        load_checkpoint(old, flow)
