@@ -105,7 +105,7 @@ TOUR = [
     ("16.3.6", "Residual flows (iRevNet, i-ResNet)", ["pyroflows.transforms.residual"], None),
     ("16.3.7", "Multi-scale flows (Glow)", ["pyroflows.transforms.image"], None),
     ("16.4.1", "Modelling densities, anomaly detection",
-     ["pyroflows.train", "pyroflows.data", "pyroflows.cli"], "pyroflows fit / score"),
+     ["pyroflows.train", "pyroflows.data", "pyroflows.io", "pyroflows.cli"], "pyroflows fit / score"),
     ("16.4.2", "Synthesis (images)", ["pyroflows.transforms.image", "pyroflows.plot"], None),
     ("16.4.3", "Approximating other density models (distillation)", ["pyroflows.infer"], None),
     ("16.5", "Variational inference with flows (SVI guides)", ["pyroflows.infer"], None),

@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from pyroflows import Flow
-from pyroflows.cli import best_elementwise_kind, elementwise_flow
+from pyroflows.flows import best_elementwise_kind, elementwise_flow
 from pyroflows.data import Bimodal1D
 from pyroflows.train import fit
 

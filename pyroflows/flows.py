@@ -16,7 +16,7 @@ reversed), which costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .flow import Flow
 from .nn import MADE
@@ -198,3 +198,112 @@ def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
         else:
             layers.append(_ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw))
     return Flow(layers)
+
+
+# ----------------------------------------------------------------------------
+# Elementwise flows (1-D data) and the registry of named architectures
+# ----------------------------------------------------------------------------
+
+#: Transformer kinds whose density is piecewise constant with knots that move with the
+#: parameters: used in the generative direction, a point crossing a moving knot jumps in
+#: log-density, which the gradient cannot see, and maximum likelihood drifts.  In the
+#: normalizing direction the knots sit at fixed places in the data space and the
+#: likelihood is smooth in the parameters, so such layers are placed inverted.
+NORMALIZING_DIRECTION_KINDS = ("piecewise_linear",)
+
+
+def best_elementwise_kind() -> str:
+    """The most flexible elementwise transformer available (a spline once it exists)."""
+    from .transforms.transformers import KINDS
+
+    return next((k for k in ("rq_spline", "rational_quadratic", "cubic_spline", "piecewise_quadratic")
+                 if k in KINDS), "piecewise_linear")
+
+
+def elementwise_flow(input_dim: int, *, kind: str | None = None, num_layers: int = 2,
+                     count_bins: int = 32, bound: float = 4.0) -> Flow:
+    """A composition of elementwise layers (eq. 16.2): ``num_layers`` times an
+    affine layer followed by ``elementwise(input_dim, kind)`` with ``count_bins`` bins
+    on ``[-bound, bound]``.  It models each dimension's marginal only (the
+    default for 1-D data); both directions are one pass per layer.
+
+    ``kind`` defaults to :func:`best_elementwise_kind`.  A piecewise-linear
+    layer is used through its inverse (``layer.inv``), so that its equal-width
+    bins lie in the data space of the normalizing direction (see
+    :data:`NORMALIZING_DIRECTION_KINDS`); its parameters stay registered on
+    the flow as ``flow.inverted``.
+    """
+    from torch import nn
+
+    _check(input_dim, num_layers)
+    kind = kind or best_elementwise_kind()
+    stack, inverted = [], []
+    for _ in range(num_layers):
+        layer = elementwise(input_dim, kind, count_bins, bound)
+        if kind in NORMALIZING_DIRECTION_KINDS:
+            inverted.append(layer)
+            layer = layer.inv
+        stack += [elementwise(input_dim, "affine"), layer]
+    flow = Flow(stack, event_shape=(input_dim,))
+    if inverted:
+        flow.inverted = nn.ModuleList(inverted)  # Pyro's .inv wrapper is not a module
+    return flow
+
+
+#: The one registry of named architectures: name -> builder ``(input_dim, **kw) -> Flow``.
+#: :func:`make_flow`, the CLI's ``--flow`` and ``AutoFlow(model, flow="name")`` all
+#: read it.  It holds every architecture in ``__all__`` above; add one with
+#: :func:`register_flow`.
+REGISTRY: dict[str, Callable[..., Flow]] = {}
+
+#: Architectures tried, in order, by the name ``"auto"`` (data of two or more dimensions).
+PREFERRED = ("nsf", "realnvp", "maf")
+
+
+def register_flow(name: str, builder: Callable[..., Flow], *, replace: bool = False) -> None:
+    """Add ``builder`` (``(input_dim, **kw) -> Flow``) to :data:`REGISTRY` as ``name``."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"an architecture name must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    if name in REGISTRY and not replace:
+        raise ValueError(f"architecture {name!r} is already registered (pass replace=True)")
+    REGISTRY[name] = builder
+
+
+for _name in __all__:
+    register_flow(_name, globals()[_name])
+del _name
+register_flow("elementwise", elementwise_flow)
+
+
+def available_flows() -> list[str]:
+    """The registered architecture names (besides ``"auto"``), sorted."""
+    return sorted(REGISTRY)
+
+
+def resolve_flow_name(name: str, input_dim=2) -> str:
+    """``"auto"`` -> ``"elementwise"`` for 1-D data, else the first registered of
+    :data:`PREFERRED`; any other name is returned unchanged."""
+    if name != "auto":
+        return name
+    if input_dim == 1:
+        return "elementwise"
+    return next((n for n in PREFERRED if n in REGISTRY), "elementwise")
+
+
+def make_flow(name: str, input_dim, **kw) -> Flow:
+    """Build the registered architecture ``name`` (or ``"auto"``) for ``input_dim``.
+
+    Raises ``ValueError`` listing the available names for an unknown name.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"an architecture name must be a string, got {type(name).__name__}")
+    resolved = resolve_flow_name(name, input_dim)
+    if resolved not in REGISTRY:
+        raise ValueError(f"unknown flow architecture {name!r}; available: {', '.join(available_flows())}, auto")
+    return REGISTRY[resolved](input_dim, **kw)
+
+
+__all__ += ["PREFERRED", "REGISTRY", "available_flows", "best_elementwise_kind", "elementwise_flow", "make_flow",
+            "register_flow", "resolve_flow_name"]

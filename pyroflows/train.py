@@ -4,7 +4,7 @@ Minimises the negative log-likelihood per row,
 
 .. math:: \mathrm{NLL}(\phi) = -\frac{1}{N}\sum_{i=1}^{N} \log p_\phi(x_i)
 
-(eq. 16.9 of the chapter, in nats), with Adam on shuffled minibatches.
+(eq. 16.8 of the chapter, in nats), with Adam on shuffled minibatches.
 
 Launched under ``torchrun`` (``WORLD_SIZE > 1``), :func:`fit` trains with
 PyTorch's :class:`~torch.nn.parallel.DistributedDataParallel` and a
@@ -20,13 +20,18 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["History", "check_data", "fit"]
+from .io import FileFormatError, load_checkpoint, save_checkpoint
+from .progress import progress_bar
+
+__all__ = ["History", "NonFiniteGuard", "check_data", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class History:
             the last one.
         stopped_early: whether early stopping ended training.
         resumed_from: the epoch count loaded from a checkpoint (0 if none).
+        skipped_steps: minibatches skipped for a non-finite loss or gradient
+            (see :class:`NonFiniteGuard`).
     """
 
     train_nll: list[float] = field(default_factory=list)
@@ -52,6 +59,7 @@ class History:
     best_epoch: int | None = None
     stopped_early: bool = False
     resumed_from: int = 0
+    skipped_steps: int = 0
 
     @property
     def epochs(self) -> int:
@@ -119,6 +127,80 @@ def _check_context(context, flow, n: int, what: str, dtype) -> torch.Tensor | No
 
 
 # ----------------------------------------------------------------------
+# one policy for non-finite losses, shared with pyroflows.infer.distill
+class NonFiniteGuard:
+    r"""What training does when a loss or a gradient is NaN or infinite.
+
+    The one policy of :func:`fit`, :func:`pyroflows.infer.distill` and
+    :func:`pyroflows.infer.distill_flow`'s warm start:
+
+    1. the step is **skipped** (no optimizer update);
+    2. the parameters are **restored** to the last ones whose loss and gradient
+       were finite (the step before may have moved them somewhere bad);
+    3. the skip is **counted** (:attr:`skipped`), and the first one issues a
+       ``RuntimeWarning``;
+    4. after ``max_consecutive`` skips in a row, ``FloatingPointError`` is
+       raised, with the parameters left at the last good values.
+
+    A rare overflow (one far-out minibatch) thus costs one step, while a run
+    that has diverged stops with a clear error.  Use it after
+    ``loss.backward()`` and gradient clipping::
+
+        if guard.check(loss, grad_norm, at=f"step {t}"):
+            optimizer.step()
+
+    Args:
+        params: the parameters being trained.
+        max_consecutive: skips in a row that end training (default 10).
+        where: the name of the procedure, for the messages.
+        hint: advice appended to the error.
+        sync: under ``torchrun``, a function ``bool -> bool`` that makes every
+            process agree (the step is skipped everywhere if it is skipped anywhere).
+    """
+
+    def __init__(self, params, *, max_consecutive: int = 10, where: str = "training",
+                 hint: str = "try a smaller lr, clip_grad, or standardising the data", sync=None):
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
+            raise ValueError(f"max_nonfinite must be a positive int, got {max_consecutive!r}")
+        self.params = list(params)
+        self.good = [p.detach().clone() for p in self.params]
+        self.max_consecutive, self.where, self.hint, self.sync = max_consecutive, where, hint, sync
+        self.skipped = 0
+        self.consecutive = 0
+
+    def check(self, loss, grad_norm=None, at: str = "") -> bool:
+        """``True``: the step may be taken (and the parameters are remembered as good);
+        ``False``: skip it (the parameters were restored)."""
+        loss = torch.as_tensor(loss).detach()
+        finite = bool(torch.isfinite(loss).all()) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        if self.sync is not None:
+            finite = self.sync(finite)
+        with torch.no_grad():
+            for good, p in zip(self.good, self.params):
+                if finite:
+                    good.copy_(p)  # the parameters that gave this finite loss
+                else:
+                    p.copy_(good)
+        if finite:
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        value = float(loss.reshape(-1)[0]) if loss.numel() else math.nan
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.where}: non-finite loss or gradient in {self.consecutive} consecutive steps (the last at "
+                f"{at or 'the last step'}, loss={value}); the parameters are the last ones that gave a finite "
+                f"loss ({self.skipped} steps skipped in all). {self.hint}")
+        if self.skipped == 1:
+            warnings.warn(f"{self.where}: skipped a step with a non-finite loss or gradient at {at or 'a step'} "
+                          f"(loss={value}); the parameters were restored to the last finite ones", RuntimeWarning,
+                          stacklevel=3)
+        return False
+
+
+# ----------------------------------------------------------------------
+# the parts of fit: argument checks, the distributed context, the train state, one epoch
 class _NLL(nn.Module):
     """Wraps a flow so that ``forward`` returns the mean NLL (what DDP needs)."""
 
@@ -132,42 +214,180 @@ class _NLL(nn.Module):
         return -self.flow.log_prob(x, context).mean()
 
 
+@dataclass
+class _Options:
+    """fit's keyword arguments that shape the loop."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    clip_grad: float | None
+    patience: int | None
+    restore_best: bool
+    progress: bool | None
+    checkpoint: str | os.PathLike | None
+    seed: int | None
+    max_nonfinite: int
+
+
+def _check_options(o: _Options, resume: bool) -> None:
+    for name, value, low in (("epochs", o.epochs, 0), ("batch_size", o.batch_size, 1),
+                             ("max_nonfinite", o.max_nonfinite, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a {'non-negative' if low == 0 else 'positive'} int, got {value!r}")
+    if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
+        raise ValueError(f"lr must be a positive number, got {o.lr!r}")
+    if o.patience is not None and (not isinstance(o.patience, int) or o.patience < 1):
+        raise ValueError(f"patience must be a positive int or None, got {o.patience!r}")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise ValueError(f"clip_grad must be positive or None, got {o.clip_grad!r}")
+    if resume and o.checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+
+
+def _check_inputs(flow, data, context, val_data, val_context):
+    """The flow and the data, checked before anything is touched: returns (x, c, xv, cv)."""
+    if not isinstance(flow, nn.Module) or not hasattr(flow, "log_prob"):
+        raise TypeError(f"flow must be an nn.Module with log_prob (a pyroflows.Flow), got {type(flow).__name__}")
+    event_shape = tuple(getattr(flow, "event_shape", ()))
+    param = next(iter(flow.parameters()), None)
+    if param is None:
+        raise ValueError("the flow has no parameters to fit")
+    x = check_data(data, event_shape, "data", param.dtype)
+    c = _check_context(context, flow, x.shape[0], "context", param.dtype)
+    xv = cv = None
+    if val_data is not None:
+        xv = check_data(val_data, event_shape, "val_data", param.dtype)
+        cv = _check_context(val_context, flow, xv.shape[0], "val_context", param.dtype)
+    elif val_context is not None:
+        raise ValueError("val_context was given without val_data")
+    return x, c, xv, cv
+
+
 def _dist_info():
     """(world_size, rank, local_rank) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _progress_enabled(progress: bool, rank: int) -> bool:
-    return bool(progress) and rank == 0 and sys.stderr.isatty()
+@dataclass
+class _Distributed:
+    """Where this process trains and, under ``torchrun``, its place in the process group."""
+
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor(float(flag), device=self.device)
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t)
+
+    def wrap(self, model: nn.Module, x, c, batch_size: int) -> nn.Module:
+        """``model`` under DDP (identical start on every rank), or itself."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Data-dependent initialisation (ActNorm) happens on the first batch a layer sees; run it
+        # here, before DDP broadcasts rank 0's parameters and buffers, so every rank starts equal.
+        with torch.no_grad():
+            model(x[:batch_size], None if c is None else c[:batch_size])
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+
+@contextmanager
+def _distributed(device, default_device):
+    """Join (and afterwards leave) torchrun's process group when ``WORLD_SIZE > 1``."""
+    world, rank, local_rank = _dist_info()
+    if device is None:
+        device = torch.device("cuda", local_rank) if world > 1 and torch.cuda.is_available() else default_device
+    ctx = _Distributed(torch.device(device), world, rank)
+    created = False
+    if ctx.enabled:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+            created = True
+        if ctx.device.type == "cuda":
+            torch.cuda.set_device(ctx.device)
+    try:
+        yield ctx
+        if ctx.enabled:
+            # Rank 0 may still be writing the checkpoint; tearing gloo down while a peer is
+            # mid-epoch aborts the process ("terminate called without an active exception").
+            torch.distributed.barrier()
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
 
 
 def _state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-_CHECKPOINT_KEYS = {"flow", "optimizer", "history", "best", "best_state", "since_best", "generator"}
+@dataclass
+class _TrainState:
+    """Everything a checkpoint holds: resuming from it continues the run exactly."""
 
+    flow: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    history: History = field(default_factory=History)
+    best: float = math.inf
+    best_state: dict | None = None
+    since_best: int = 0
 
-def _load_checkpoint(path, flow) -> dict:
-    """Read and validate a checkpoint before anything is changed (ValueError naming the file)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling error means: not a checkpoint
-        raise ValueError(f"cannot resume: {path} is not a pyroflows checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
-        raise ValueError(f"cannot resume: {path} is not a checkpoint written by pyroflows.train.fit")
-    own = flow.state_dict()
-    theirs = ckpt["flow"]
-    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
-        raise ValueError(f"cannot resume: {path} holds the parameters of a different flow architecture")
-    return ckpt
+    def to_checkpoint(self) -> dict:
+        """The state as plain data (see :mod:`pyroflows.io`)."""
+        return {"flow": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "history": asdict(self.history), "best": self.best, "best_state": self.best_state,
+                "since_best": self.since_best, "generator": self.generator.get_state()}
 
+    def restore(self, ckpt: dict, path) -> None:
+        """Load a checkpoint checked by :func:`pyroflows.io.load_checkpoint` (all or nothing)."""
+        before = _state(self.flow)
+        try:
+            self.flow.load_state_dict(ckpt["flow"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.generator.set_state(ckpt["generator"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            self.flow.load_state_dict(before)
+            raise FileFormatError(path, f"cannot resume from it ({type(e).__name__}: "
+                                        f"{(str(e).splitlines() or [''])[0]})") from None
+        known = {f.name for f in fields(History)}
+        self.history = History(**{k: v for k, v in ckpt["history"].items() if k in known})
+        self.history.resumed_from = self.history.epochs
+        self.best, self.best_state, self.since_best = float(ckpt["best"]), ckpt["best_state"], ckpt["since_best"]
 
-def _save_checkpoint(path, payload):
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    def end_epoch(self, epoch: int, train_nll: float, val_nll: float | None, keep_best: bool) -> None:
+        """Record the epoch and track the best one (validation NLL if any, else training)."""
+        h = self.history
+        h.train_nll.append(train_nll)
+        if val_nll is not None:
+            h.val_nll.append(val_nll)
+        monitored = train_nll if val_nll is None else val_nll
+        if monitored < self.best:
+            self.best, self.since_best = monitored, 0
+            h.best_epoch = epoch
+            if keep_best:
+                self.best_state = _state(self.flow)
+        else:
+            self.since_best += 1
+        if val_nll is None:
+            h.best_epoch = epoch
 
 
 @torch.no_grad()
@@ -182,12 +402,77 @@ def _mean_nll(flow, x, context, batch_size, device) -> float:
     return -total / count
 
 
+def _run_epoch(epoch, model, state, x, c, order, o: _Options, guard, dist) -> float:
+    """One pass over ``order``: a guarded Adam step per minibatch; returns the mean NLL."""
+    params = guard.params
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for b, i in enumerate(range(0, order.numel(), o.batch_size)):
+        idx = order[i:i + o.batch_size].to(dist.device)
+        loss = model(x[idx], None if c is None else c[idx])
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad is not None else math.inf)
+        if guard.check(loss, norm, at=f"epoch {epoch}, batch {b}"):
+            state.optimizer.step()
+            total[0] += float(loss.detach()) * idx.numel()
+            total[1] += idx.numel()
+    dist.sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+
+def _progress_bar(o: _Options, rank: int, start: int):
+    if rank != 0 or o.epochs <= start:
+        return None
+    return progress_bar(None, o.progress, total=o.epochs, initial=start, desc="fit", unit="epoch", leave=False)
+
+
+def _train(state: _TrainState, model, data, o: _Options, dist: _Distributed) -> None:
+    """The epochs from where ``state`` is to ``o.epochs`` (or early stopping)."""
+    x, c, xv, cv = data
+    sampler = None
+    if dist.enabled:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(x.shape[0]), num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                     seed=o.seed if o.seed is not None else 0)
+    guard = NonFiniteGuard([p for p in state.flow.parameters() if p.requires_grad], where="fit",
+                           max_consecutive=o.max_nonfinite, sync=dist.all_true if dist.enabled else None)
+    bar = _progress_bar(o, dist.rank, state.history.epochs)
+    try:
+        for epoch in range(state.history.epochs, o.epochs):
+            state.flow.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            order = (torch.as_tensor(list(iter(sampler))) if sampler is not None
+                     else torch.randperm(x.shape[0], generator=state.generator))
+            skipped = guard.skipped
+            train_nll = _run_epoch(epoch, model, state, x, c, order, o, guard, dist)
+            state.history.skipped_steps += guard.skipped - skipped
+            state.flow.eval()
+            val_nll = None if xv is None else _mean_nll(state.flow, xv, cv, max(o.batch_size, 1024), dist.device)
+            state.end_epoch(epoch, train_nll, val_nll, keep_best=xv is not None and o.restore_best)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(train=f"{train_nll:.3f}", **({"val": f"{val_nll:.3f}"} if xv is not None else {}))
+            state.history.stopped_early = o.patience is not None and state.since_best >= o.patience
+            if o.checkpoint is not None and dist.rank == 0:
+                save_checkpoint(o.checkpoint, state.to_checkpoint())
+            if state.history.stopped_early:
+                if dist.rank == 0:
+                    log.info("early stopping at epoch %d (best epoch %d)", epoch, state.history.best_epoch)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        state.flow.eval()
+
+
 def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-3,
-        val_data=None, progress: bool = True, patience: int | None = None,
+        val_data=None, progress: bool | None = None, patience: int | None = None,
         clip_grad: float | None = 5.0, weight_decay: float = 0.0,
         checkpoint: str | os.PathLike | None = None, resume: bool = False,
         device: str | torch.device | None = None, context=None, val_context=None,
-        seed: int | None = None, restore_best: bool = True) -> History:
+        seed: int | None = None, restore_best: bool = True, max_nonfinite: int = 10) -> History:
     r"""Fit ``flow`` to the rows of ``data`` by maximum likelihood.
 
     Args:
@@ -201,17 +486,22 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
         val_data: optional held-out rows; their NLL is recorded after each
             epoch, and with ``restore_best`` (default) the flow ends with the
             parameters of the best validation epoch.
-        progress: show a tqdm bar (only on a terminal, and only on rank 0).
+        progress: show a tqdm bar on rank 0 (``None``, the default: only when
+            stderr is a terminal; ``True``: always; ``False``: never).
         patience: stop when the monitored NLL (validation if given, else
             training) has not improved for this many epochs.
         clip_grad: clip the gradient norm to this value (``None``: no clipping).
         checkpoint: a file path; the training state is written there after
-            every epoch (rank 0 only, atomically).
-        resume: continue from ``checkpoint`` if that file exists.
+            every epoch (rank 0 only, atomically, plain data: see :mod:`pyroflows.io`).
+        resume: continue from ``checkpoint`` if that file exists.  The file is
+            read safely (nothing in it is executed) and checked against the
+            flow before anything changes.
         device: where to train (default: where the flow is; under ``torchrun``
             with CUDA, ``cuda:LOCAL_RANK``).  The flow is moved there.
         context, val_context: conditioning rows for a conditional flow.
         seed: seeds the shuffling (and torch's global RNG) for reproducibility.
+        max_nonfinite: a minibatch with a non-finite loss or gradient is
+            skipped (:class:`NonFiniteGuard`); this many in a row stop training.
 
     Returns:
         a :class:`History` with per-epoch ``train_nll`` and ``val_nll``.
@@ -220,184 +510,31 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
 
     Raises:
         ValueError: bad data (NaN/inf rows, wrong width, empty, 1-D), bad
-            arguments, all before any parameter is touched.
-        FloatingPointError: a non-finite loss or gradient during training;
-            the flow is left with the last parameters that gave a finite
-            loss.
+            arguments, a checkpoint that is not one for this flow
+            (:class:`~pyroflows.io.FileFormatError`), all before any parameter is touched.
+        FloatingPointError: ``max_nonfinite`` consecutive minibatches with a
+            non-finite loss or gradient; the flow keeps the last parameters that
+            gave a finite loss.
     """
-    # ---- arguments and data, before touching anything -----------------
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, "
-                             f"got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be a positive int or None, got {patience!r}")
-    if clip_grad is not None and not clip_grad > 0:
-        raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
-    if not isinstance(flow, nn.Module) or not hasattr(flow, "log_prob"):
-        raise TypeError(f"flow must be an nn.Module with log_prob (a pyroflows.Flow), got {type(flow).__name__}")
-    event_shape = tuple(getattr(flow, "event_shape", ()))
-    param = next(iter(flow.parameters()), None)
-    if param is None:
-        raise ValueError("the flow has no parameters to fit")
-    dtype = param.dtype
-    x = check_data(data, event_shape, "data", dtype)
-    c = _check_context(context, flow, x.shape[0], "context", dtype)
-    xv = cv = None
-    if val_data is not None:
-        xv = check_data(val_data, event_shape, "val_data", dtype)
-        cv = _check_context(val_context, flow, xv.shape[0], "val_context", dtype)
-    elif val_context is not None:
-        raise ValueError("val_context was given without val_data")
-    ckpt = _load_checkpoint(checkpoint, flow) if resume and os.path.exists(checkpoint) else None
-
-    # ---- distributed set-up --------------------------------------------
-    world, rank, local_rank = _dist_info()
-    distributed = world > 1
-    created_group = False
-    if device is None:
-        if distributed and torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
-        else:
-            device = param.device
-    device = torch.device(device)
-    if distributed:
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized():
-            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            created_group = True
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    flow.to(device)
-    x, c = x.to(device), None if c is None else c.to(device)
-    model = _NLL(flow)
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Data-dependent initialisation (ActNorm) happens on the first batch a layer sees; run it
-        # here, before DDP broadcasts rank 0's parameters and buffers, so every rank starts equal.
-        with torch.no_grad():
-            model(x[:batch_size], None if c is None else c[:batch_size])
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
-    history = History()
-    best = math.inf
-    best_state = None
-    since_best = 0
-    start = 0
-    if ckpt is not None:
-        flow.load_state_dict(ckpt["flow"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = ckpt["history"]
-        history.resumed_from = start = history.epochs
-        best, best_state, since_best = ckpt["best"], ckpt["best_state"], ckpt["since_best"]
-        generator.set_state(ckpt["generator"])
-        if rank == 0:
-            log.info("resumed from %s at epoch %d", checkpoint, start)
-
-    # ---- the loop --------------------------------------------------------
-    n = x.shape[0]
-    if distributed:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
-                                     seed=seed if seed is not None else 0)
-    good = [p.detach().clone() for p in params]
-    bar = None
-    if _progress_enabled(progress, rank) and epochs > start:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=start, desc="fit", unit="epoch", leave=False)
-    try:
-        for epoch in range(start, epochs):
-            flow.train()
-            if distributed:
-                sampler.set_epoch(epoch)
-                order = torch.as_tensor(list(iter(sampler)))
-            else:
-                order = torch.randperm(n, generator=generator)
-            total = torch.zeros(2, dtype=torch.float64, device=device)
-            for b, i in enumerate(range(0, order.numel(), batch_size)):
-                idx = order[i:i + batch_size]
-                idx = idx.to(device)
-                xb = x[idx]
-                cb = None if c is None else c[idx]
-                loss = model(xb, cb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else math.inf)
-                if not (torch.isfinite(loss) and torch.isfinite(norm)):
-                    with torch.no_grad():
-                        for p, g in zip(params, good):
-                            p.copy_(g)
-                    raise FloatingPointError(
-                        f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at epoch {epoch}, "
-                        f"batch {b} (loss={float(loss.detach())}); the flow keeps the last parameters that gave a "
-                        f"finite loss. Try a smaller lr, clip_grad, or standardising the data")
-                with torch.no_grad():
-                    for p, g in zip(params, good):
-                        g.copy_(p)
-                optimizer.step()
-                total[0] += float(loss.detach()) * idx.numel()
-                total[1] += idx.numel()
-            if distributed:
-                import torch.distributed as tdist
-
-                tdist.all_reduce(total)
-            history.train_nll.append(float(total[0] / total[1]))
-
-            flow.eval()
-            monitored = history.train_nll[-1]
-            if xv is not None:
-                history.val_nll.append(_mean_nll(flow, xv, cv, max(batch_size, 1024), device))
-                monitored = history.val_nll[-1]
-            if monitored < best:
-                best, since_best = monitored, 0
-                history.best_epoch = epoch
-                if xv is not None and restore_best:
-                    best_state = _state(flow)
-            else:
-                since_best += 1
-            if xv is None:
-                history.best_epoch = epoch
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(train=f"{history.train_nll[-1]:.3f}",
-                                **({"val": f"{history.val_nll[-1]:.3f}"} if history.val_nll else {}))
-            stop = patience is not None and since_best >= patience
-            history.stopped_early = stop
-            if checkpoint is not None and rank == 0:
-                _save_checkpoint(checkpoint, {"flow": flow.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "history": history, "best": best, "best_state": best_state,
-                                              "since_best": since_best, "generator": generator.get_state()})
-            if stop:
-                if rank == 0:
-                    log.info("early stopping at epoch %d (best epoch %d)", epoch, history.best_epoch)
-                break
-        if distributed:
-            # Rank 0 may still be writing the checkpoint; tearing gloo down while a peer is
-            # mid-epoch aborts the process ("terminate called without an active exception").
-            tdist.barrier()
-    finally:
-        if bar is not None:
-            bar.close()
-        flow.eval()
-        if created_group:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
-    if best_state is not None:
-        flow.load_state_dict(best_state)
-    return history
+    o = _Options(epochs, batch_size, lr, weight_decay, clip_grad, patience, restore_best, progress, checkpoint,
+                 seed, max_nonfinite)
+    _check_options(o, resume)
+    x, c, xv, cv = _check_inputs(flow, data, context, val_data, val_context)
+    ckpt = load_checkpoint(checkpoint, flow) if resume and os.path.exists(checkpoint) else None
+    with _distributed(device, next(flow.parameters()).device) as dist:
+        if seed is not None:
+            torch.manual_seed(seed)
+        flow.to(dist.device)
+        x, c = x.to(dist.device), None if c is None else c.to(dist.device)
+        model = dist.wrap(_NLL(flow), x, c, batch_size)
+        params = [p for p in flow.parameters() if p.requires_grad]
+        state = _TrainState(flow, torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+                            torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ()))))
+        if ckpt is not None:
+            state.restore(ckpt, checkpoint)
+            if dist.rank == 0:
+                log.info("resumed from %s at epoch %d", checkpoint, state.history.epochs)
+        _train(state, model, (x, c, xv, cv), o, dist)
+    if state.best_state is not None:
+        flow.load_state_dict(state.best_state)
+    return state.history

@@ -6,7 +6,11 @@ import sys
 import pytest
 import torch
 
-from pyroflows.cli import DEMO_SECTIONS, DemoContext, SectionResult, load_model, main, read_csv, run_demo
+from hostile import write_hostile
+
+from pyroflows.cli import main
+from pyroflows.demo import SECTIONS, DemoContext, SectionResult, run_demo
+from pyroflows.io import load_model, read_csv
 
 
 def write_csv(path, x, header=("a", "b")):
@@ -87,7 +91,7 @@ def test_missing_and_unreadable_files(tmp_path, capsys, model_pt):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00\x01 not a model")
     assert main(["score", str(junk), str(junk)]) == 1
-    assert "junk.pt: not a pyroflows model file" in capsys.readouterr().err
+    assert "junk.pt: not a pyroflows file" in capsys.readouterr().err
     binary = tmp_path / "bin.csv"
     binary.write_bytes(b"\xff\xfe\x00\x81")
     assert main(["score", str(model_pt), str(binary)]) == 1
@@ -105,8 +109,12 @@ def test_score_wrong_width_and_bad_quantile(tmp_path, capsys, model_pt):
 
 
 def test_unknown_flow_name(data_csv, capsys):
-    assert main(["fit", str(data_csv[0]), "--flow", "nope", "--quiet"]) == 1
-    assert "unknown flow architecture 'nope'" in capsys.readouterr().err
+    """--flow choices are the registry's names."""
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(data_csv[0]), "--flow", "nope", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "nsf" in err and "elementwise" in err
 
 
 def test_read_csv_header_detection(tmp_path):
@@ -125,7 +133,7 @@ def test_demo_sections_are_pluggable(tmp_path):
     run_demo(DemoContext(tmp_path, quick=True), sections=[extra])
     report = (tmp_path / "report.md").read_text()
     assert "## Extra section" in report and "| 1.500 |" in report and "![x.png](x.png)" in report
-    assert len(DEMO_SECTIONS) >= 2
+    assert len(SECTIONS) >= 2
 
 
 def test_python_m_pyroflows_demo_quick(tmp_path):
@@ -155,7 +163,8 @@ def test_python_m_pyroflows_demo_quick(tmp_path):
 @pytest.mark.parametrize("name", ["auto", "elementwise"])
 def test_saved_model_reloads_to_the_same_density(tmp_path, name):
     """The model file rebuilds the architecture by name and restores every parameter and buffer."""
-    from pyroflows.cli import make_flow, resolve_flow_name, save_model
+    from pyroflows.flows import make_flow, resolve_flow_name
+    from pyroflows.io import save_model
 
     torch.manual_seed(0)
     flow = make_flow(name, 2)
@@ -170,7 +179,7 @@ def test_saved_model_reloads_to_the_same_density(tmp_path, name):
     x = torch.randn(7, 2)
     with torch.no_grad():
         expected = flow.log_prob((x - mean) / std) - std.log().sum()
-    assert torch.allclose(model.log_prob(x), expected, atol=1e-5)
+    assert torch.equal(model.log_prob(x), expected)
 
 
 def test_unwritable_outputs_and_bad_options(tmp_path, capsys, data_csv, model_pt):
@@ -183,3 +192,55 @@ def test_unwritable_outputs_and_bad_options(tmp_path, capsys, data_csv, model_pt
     assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(["sample", str(model_pt), "-n", "-2"]) == 1
     assert "-n must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["score", "sample"])
+@pytest.mark.parametrize("kind", ["model", "raw"])
+def test_a_model_file_that_would_run_code_is_refused(tmp_path, capsys, data_csv, command, kind):
+    """A crafted model file: refused on one line, its payload never runs, nothing is written."""
+    marker = tmp_path / "ran"
+    evil = write_hostile(tmp_path / "model.pt", marker, kind)
+    out = tmp_path / "out.csv"
+    args = [command, str(evil)] + ([str(data_csv[0])] if command == "score" else ["-n", "3"])
+    assert main(args + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyroflows: error: {evil}: ") and err.count("\n") == 1
+    assert "refused" in err or "raw Python pickle" in err
+    assert not marker.exists() and not out.exists()
+
+
+def test_malformed_model_files_one_line_errors(tmp_path, capsys, data_csv, model_pt):
+    """Truncated, another architecture, another program's file, a checkpoint: one line each."""
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(model_pt.read_bytes()[:300])
+    other_arch = tmp_path / "other.pt"
+    data = torch.load(model_pt, weights_only=True)
+    data["flow"]["kwargs"] = {"num_layers": 3}
+    torch.save(data, other_arch)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, plain)
+    ck = tmp_path / "ck.pt"
+    from pyroflows.flows import make_flow
+    from pyroflows.train import fit
+
+    fit(make_flow("elementwise", 2), torch.randn(10, 2), epochs=1, batch_size=5, progress=False, checkpoint=ck)
+    capsys.readouterr()
+    for path, match in [(truncated, "truncated or corrupted"), (other_arch, "different flow architecture"),
+                        (plain, "not a pyroflows model file"), (ck, "training checkpoint, not a model file"),
+                        (data_csv[0], "not a pyroflows file")]:
+        out = tmp_path / "scores.csv"
+        assert main(["score", str(path), str(data_csv[0]), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyroflows: error: {path}: ") and match in err and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+def test_hostile_model_file_through_python_m(tmp_path, data_csv):
+    """The real process: exit status 1, one line on stderr, no traceback, the payload never ran."""
+    marker = tmp_path / "ran"
+    evil = write_hostile(tmp_path / "model.pt", marker)
+    r = subprocess.run([sys.executable, "-m", "pyroflows", "score", str(evil), str(data_csv[0])],
+                       check=False, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"pyroflows: error: {evil}: refused") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr and not marker.exists()

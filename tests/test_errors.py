@@ -91,7 +91,7 @@ def test_flow_log_prob_names_the_expected_shape():
 
 
 def test_make_flow_unknown_name():
-    from pyroflows.cli import make_flow
+    from pyroflows.flows import make_flow
 
     with pytest.raises(ValueError, match="unknown flow architecture 'nope'; available: .*elementwise"):
         make_flow("nope", 2)
@@ -192,3 +192,46 @@ def test_conditional_flow_context_errors():
     h = fit(flow, torch.randn(64, 2), context=torch.randn(64, 3), epochs=2, batch_size=16, lr=0.01,
             progress=False)
     assert len(h.train_nll) == 2
+
+
+# ---- one policy for non-finite losses (pyroflows.train.NonFiniteGuard), in distill too ----
+def _gaussian_energy(nan_grad_calls):
+    """A standard normal log density whose gradient is NaN (its value finite) on the given calls."""
+    calls = []
+
+    def log_density(x):
+        calls.append(1)
+        lp = -0.5 * (x ** 2).sum(-1)
+        if len(calls) in nan_grad_calls:
+            lp = lp + 0 * torch.sqrt(0 * x[..., 0])  # value 0, gradient 0 * inf = NaN
+        return lp
+
+    return log_density
+
+
+def test_distill_skips_a_non_finite_step_like_fit():
+    from pyroflows.flows import maf
+    from pyroflows.infer import distill
+
+    torch.manual_seed(0)
+    flow = maf(2, num_layers=1)
+    with pytest.warns(RuntimeWarning, match="distill: skipped a step"):
+        r = distill(flow, _gaussian_energy({3}), num_steps=20, num_samples=64, lr=1e-2, progress=False,
+                    num_eval_samples=256)
+    assert r.skipped_steps == 1 and len(r.losses) == 20
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+def test_distill_stops_after_consecutive_non_finite_steps_with_the_last_good_parameters():
+    from pyroflows.flows import maf
+    from pyroflows.infer import distill
+
+    torch.manual_seed(0)
+    flow = maf(2, num_layers=1)
+    distill(flow, _gaussian_energy(set()), num_steps=2, num_samples=64, lr=1e-2, progress=False,
+            num_eval_samples=64)
+    good = {k: v.clone() for k, v in flow.state_dict().items()}
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        distill(flow, _gaussian_energy(set(range(1, 100))), num_steps=10, num_samples=64, lr=1e-2,
+                progress=False, max_nonfinite=3)
+    assert all(torch.equal(v, good[k]) for k, v in flow.state_dict().items())

@@ -87,9 +87,8 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     resumed = affine_flow(seed=123)  # different initial parameters: they come from the checkpoint
     h = fit(resumed, x, epochs=5, batch_size=64, lr=0.02, progress=False, seed=1, checkpoint=ck, resume=True)
     assert h.resumed_from == 3 and len(h.train_nll) == 5
-    assert h.train_nll == pytest.approx(h0.train_nll, abs=1e-6)
-    for k, v in params(straight).items():
-        assert torch.allclose(v, params(resumed)[k], atol=1e-6)
+    assert h.train_nll == h0.train_nll  # exact: same batches, same optimizer state
+    assert same(params(straight), params(resumed))
 
 
 def test_resume_without_file_starts_fresh(tmp_path):
@@ -111,14 +110,33 @@ class Exploding(nn.Module):
         return -0.5 * (x[..., 0] - 10 * self.w) ** 2 + torch.log(2.0 - self.w)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_parameters():
+def test_non_finite_step_is_skipped_restored_and_counted():
+    """One policy (NonFiniteGuard): a step with a NaN loss is skipped, the parameters go back to
+    the last finite ones, a warning is issued and the skip is counted; training goes on."""
     model = Exploding()
     x = torch.full((64, 1), 30.0)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        fit(model, x, epochs=50, batch_size=16, lr=0.9, clip_grad=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="skipped a step with a non-finite loss"):
+        hist = fit(model, x, epochs=50, batch_size=16, lr=0.9, clip_grad=None, progress=False)
+    assert hist.skipped_steps >= 1 and len(hist.train_nll) == 50
+    assert all(math.isfinite(v) for v in hist.train_nll)
     w = float(model.w.detach())
     assert math.isfinite(w) and w < 2.0
     assert math.isfinite(float(model.log_prob(x).mean().detach()))
+
+
+class AlwaysNaN(Exploding):
+    """Its log density is NaN at every x > 1, whatever the parameter."""
+
+    def log_prob(self, x):
+        return -0.5 * (x[..., 0] - self.w) ** 2 + torch.log(1.0 - x[..., 0])
+
+
+def test_non_finite_steps_in_a_row_stop_with_the_last_good_parameters():
+    model = AlwaysNaN()
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="non-finite loss or gradient in 3 "
+                                                                               "consecutive steps"):
+        fit(model, torch.full((64, 1), 2.0), epochs=5, batch_size=16, lr=0.1, progress=False, max_nonfinite=3)
+    assert float(model.w.detach()) == 0.0  # never moved: no step had a finite loss
 
 
 def test_gradient_clipping_bounds_the_step():
@@ -205,16 +223,41 @@ def test_conditional_context_errors_leave_parameters(kw, match):
     assert same(before, params(flow))
 
 
-def test_resume_from_a_bad_checkpoint_leaves_parameters(tmp_path):
+def _bad_checkpoints(tmp_path):
+    """(file, expected message) pairs: every way a checkpoint can be wrong."""
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     other = tmp_path / "other.pt"
     fit(Flow([elementwise(3, kind="affine")]), torch.zeros(10, 3), epochs=1, batch_size=5, lr=0.01,
         progress=False, checkpoint=other)
-    for path, match in [(junk, "not a pyroflows checkpoint"), (other, "different flow architecture")]:
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(other.read_bytes()[:200])
+    plain = tmp_path / "plain.pt"
+    torch.save({"flow": affine_flow().state_dict()}, plain)  # another program's file: no format tag
+    return [(junk, "not a pyroflows file"), (other, "different flow architecture"),
+            (truncated, "truncated or corrupted"), (plain, "not a pyroflows training checkpoint")]
+
+
+def test_resume_from_a_bad_checkpoint_leaves_parameters_and_file(tmp_path):
+    for path, match in _bad_checkpoints(tmp_path):
         flow = affine_flow()
-        before = params(flow)
-        with pytest.raises(ValueError, match=match):
+        before, content = params(flow), path.read_bytes()
+        with pytest.raises(ValueError, match=match) as e:
             fit(flow, gaussian_data(10), epochs=2, batch_size=5, lr=0.01, progress=False, checkpoint=path,
                 resume=True)
-        assert same(before, params(flow))
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+        assert same(before, params(flow)) and path.read_bytes() == content  # nothing changed or written
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    from hostile import write_hostile
+
+    marker = tmp_path / "ran"
+    ck = write_hostile(tmp_path / "ck.pt", marker, "checkpoint")
+    content = ck.read_bytes()
+    flow = affine_flow()
+    before = params(flow)
+    with pytest.raises(ValueError, match="refused"):
+        fit(flow, gaussian_data(10), epochs=2, batch_size=5, lr=0.01, progress=False, checkpoint=ck, resume=True)
+    assert not marker.exists()  # the payload never ran
+    assert same(before, params(flow)) and ck.read_bytes() == content

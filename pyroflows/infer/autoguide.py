@@ -53,16 +53,12 @@ __all__ = ["AutoFlow", "default_flow"]
 
 
 def _build_flow(flow, latent_dim: int, flow_kw: dict) -> Flow:
-    """Resolve ``flow`` (a name in :mod:`pyroflows.flows` or a callable) into a :class:`Flow`."""
+    """Resolve ``flow`` (a name in the registry :data:`pyroflows.flows.REGISTRY` or a
+    callable) into a :class:`Flow`."""
     if isinstance(flow, str):
-        from .. import flows
+        from ..flows import make_flow
 
-        builder = getattr(flows, flow, None)
-        if builder is None or not callable(builder):
-            available = ", ".join(sorted(getattr(flows, "__all__", []))) or "none yet"
-            raise ValueError(f"unknown flow {flow!r}: pyroflows.flows has no such architecture "
-                             f"(available: {available}); or pass a callable latent_dim -> transforms")
-        out = builder(latent_dim, **flow_kw)
+        out = make_flow(flow, latent_dim, **flow_kw)
     elif callable(flow):
         out = flow(latent_dim, **flow_kw)
     else:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
+from ..train import NonFiniteGuard
 from .diagnostics import importance_diagnostics
 
 __all__ = ["DistillResult", "distill", "distill_flow"]
@@ -59,7 +60,10 @@ class DistillResult:
     """What :func:`distill` returns.
 
     Attributes:
-        losses: per-step loss (the tempered reverse-KL estimate plus the forward-KL term).
+        losses: per-step loss (the tempered reverse-KL estimate plus the forward-KL term);
+            non-finite for a step that was skipped.
+        skipped_steps: steps skipped for a non-finite loss or gradient
+            (:class:`~pyroflows.train.NonFiniteGuard`).
         betas: the annealing schedule used, per step.
         log_z: importance-sampled :math:`\\log Z` of the target from ``num_eval_samples`` draws of ``q``.
         log_z_se: its standard error.
@@ -82,6 +86,7 @@ class DistillResult:
     elbo: float = math.nan
     warm_start_nll: list[float] = field(default_factory=list)
     warm_start_skipped: int = 0
+    skipped_steps: int = 0
 
     @property
     def kl(self) -> float:
@@ -125,13 +130,54 @@ def _cosine(step: int, num_steps: int, floor: float = 0.01) -> float:
 _SCHEDULES = {"constant": lambda step, num_steps: 1.0, "cosine": _cosine}
 
 
+def _check_distill_args(flow, num_steps, num_samples, beta0, is_forward_kl_weight, lr_schedule, target_samples):
+    """distill's argument checks; returns ``target_samples`` as a tensor (or ``None``)."""
+    if num_steps < 0 or num_samples < 1:
+        raise ValueError(f"need num_steps >= 0 and num_samples >= 1, got {num_steps}, {num_samples}")
+    if not 0 < beta0 <= 1:
+        raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
+    if not (math.isfinite(is_forward_kl_weight) and is_forward_kl_weight >= 0):
+        raise ValueError(f"is_forward_kl_weight must be a finite number >= 0, got {is_forward_kl_weight!r}")
+    if lr_schedule not in _SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {lr_schedule!r}")
+    if target_samples is not None:
+        target_samples = torch.as_tensor(target_samples)
+        event = tuple(_as_distribution(flow).event_shape)
+        if target_samples.dim() != 1 + len(event) or tuple(target_samples.shape[1:]) != event:
+            raise ValueError(f"target_samples must have shape (M, {', '.join(map(str, event))}), "
+                             f"got {tuple(target_samples.shape)}")
+        if not torch.isfinite(target_samples).all():
+            raise ValueError("target_samples contain NaN or inf")
+    return target_samples
+
+
+def _reverse_kl_loss(flow, log_density, num_samples, beta, step, target_samples, fwd_n, forward_kl_weight,
+                     is_forward_kl_weight) -> torch.Tensor:
+    """One step's loss: the tempered reverse KL plus the optional forward-KL terms
+    (NaN when the flow's own draws are not finite, which :class:`NonFiniteGuard` skips)."""
+    d = _as_distribution(flow)
+    x = d.rsample((num_samples,))
+    if not bool(torch.isfinite(x).all()):
+        return torch.tensor(math.nan)
+    log_q = d.log_prob(x)
+    log_p = _check_log_density(log_density(x), x, step)
+    loss = (log_q - beta * log_p).mean()
+    if target_samples is not None and forward_kl_weight > 0:
+        idx = torch.randint(len(target_samples), (min(fwd_n, len(target_samples)),))
+        loss = loss - forward_kl_weight * _as_distribution(flow).log_prob(target_samples[idx]).mean()
+    if is_forward_kl_weight > 0:
+        w = torch.softmax((beta * log_p - log_q).detach(), 0)
+        loss = loss - is_forward_kl_weight * (w * _as_distribution(flow).log_prob(x.detach())).sum()
+    return loss
+
+
 def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor], *, num_steps: int = 3000,
             num_samples: int = 256, lr: float = 3e-3, anneal_steps: int | None = None, beta0: float = 0.01,
             target_samples: torch.Tensor | None = None, forward_kl_weight: float = 1.0,
             is_forward_kl_weight: float = 1.0,
             forward_batch_size: int | None = None, clip_grad: float | None = 10.0,
             num_eval_samples: int = 4096, optimizer: torch.optim.Optimizer | None = None,
-            lr_schedule: str = "cosine", progress: bool | None = None) -> DistillResult:
+            lr_schedule: str = "cosine", progress: bool | None = None, max_nonfinite: int = 10) -> DistillResult:
     r"""Fit ``flow`` to the unnormalised density ``exp(log_density)`` by reverse KL (eq. 16.25).
 
     Args:
@@ -157,6 +203,10 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
             of its start over the ``num_steps`` steps; the late small steps cut the
             Monte Carlo noise in the fitted flow, hence in ``log_z``).
         progress: show a tqdm progress bar (``None``: only when stderr is a terminal).
+        max_nonfinite: a step with a non-finite loss or gradient (or non-finite
+            draws of the flow) is skipped and the parameters restored, the one
+            policy of :class:`~pyroflows.train.NonFiniteGuard`; this many in a
+            row raise ``FloatingPointError``.
 
     The defaults (3000 steps of 256 draws, lr 3e-3 with cosine decay, annealing
     over the first half, importance-weighted forward-KL weight 1) are the one
@@ -165,24 +215,15 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
 
     Returns:
         a :class:`DistillResult`.
+
+    Raises:
+        ValueError: bad arguments, or ``log_density`` returning a wrong shape or
+            non-finite values at finite points.
+        FloatingPointError: ``max_nonfinite`` consecutive non-finite steps.
     """
-    if num_steps < 0 or num_samples < 1:
-        raise ValueError(f"need num_steps >= 0 and num_samples >= 1, got {num_steps}, {num_samples}")
-    if not 0 < beta0 <= 1:
-        raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
-    if not (math.isfinite(is_forward_kl_weight) and is_forward_kl_weight >= 0):
-        raise ValueError(f"is_forward_kl_weight must be a finite number >= 0, got {is_forward_kl_weight!r}")
-    if lr_schedule not in _SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {sorted(_SCHEDULES)}, got {lr_schedule!r}")
+    target_samples = _check_distill_args(flow, num_steps, num_samples, beta0, is_forward_kl_weight, lr_schedule,
+                                         target_samples)
     params = [p for p in flow.parameters() if p.requires_grad]
-    if target_samples is not None:
-        target_samples = torch.as_tensor(target_samples)
-        event = tuple(_as_distribution(flow).event_shape)
-        if target_samples.dim() != 1 + len(event) or tuple(target_samples.shape[1:]) != event:
-            raise ValueError(f"target_samples must have shape (M, {', '.join(map(str, event))}), "
-                             f"got {tuple(target_samples.shape)}")
-        if not torch.isfinite(target_samples).all():
-            raise ValueError("target_samples contain NaN or inf")
     opt = optimizer or torch.optim.Adam(params, lr=lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
     result = DistillResult()
@@ -190,46 +231,42 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
         anneal_steps = int(num_steps) // 2
     steps = bar = progress_bar(range(int(num_steps)), progress, desc="distill", leave=False)
     fwd_n = forward_batch_size or num_samples
+    guard = NonFiniteGuard(params, max_consecutive=max_nonfinite, where="distill",
+                           hint="lower lr, enable clip_grad, or anneal (anneal_steps)")
     for step in steps:
         beta = _linear_beta(step, anneal_steps, beta0)
         factor = _SCHEDULES[lr_schedule](step, num_steps)
         for g, g_lr in zip(opt.param_groups, base_lrs):
             g["lr"] = g_lr * factor
-        d = _as_distribution(flow)
-        x = d.rsample((num_samples,))
-        log_q = d.log_prob(x)
-        log_p = _check_log_density(log_density(x), x, step)
-        loss = (log_q - beta * log_p).mean()
-        if target_samples is not None and forward_kl_weight > 0:
-            idx = torch.randint(len(target_samples), (min(fwd_n, len(target_samples)),))
-            loss = loss - forward_kl_weight * _as_distribution(flow).log_prob(target_samples[idx]).mean()
-        if is_forward_kl_weight > 0:
-            w = torch.softmax((beta * log_p - log_q).detach(), 0)
-            loss = loss - is_forward_kl_weight * (w * _as_distribution(flow).log_prob(x.detach())).sum()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ValueError(f"the loss became {value} at step {step}: the flow produced non-finite "
-                             f"samples or densities; lower lr or enable clip_grad")
+        loss = _reverse_kl_loss(flow, log_density, num_samples, beta, step, target_samples, fwd_n,
+                                forward_kl_weight, is_forward_kl_weight)
         opt.zero_grad()
-        loss.backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        opt.step()
+        if loss.requires_grad:
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else math.inf)
+        if guard.check(loss, norm, at=f"step {step}"):
+            opt.step()
+        value = float(loss.detach())
         result.losses.append(value)
         result.betas.append(beta)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{value:.4f}", beta=f"{beta:.2f}")
+    result.skipped_steps = guard.skipped
     bar.close()
     for g, g_lr in zip(opt.param_groups, base_lrs):
         g["lr"] = g_lr
-    with torch.no_grad():
-        d = _as_distribution(flow)
-        x = d.sample((num_eval_samples,))
-        log_w = _check_log_density(log_density(x), x, num_steps) - d.log_prob(x)
-    diag = importance_diagnostics(log_w)
+    _evaluate(flow, log_density, num_eval_samples, num_steps, result)
+    return result
+
+
+@torch.no_grad()
+def _evaluate(flow, log_density, num_samples: int, step: int, result: DistillResult) -> None:
+    """Importance-sampled log Z, ESS, k-hat and ELBO from fresh draws of the flow, into ``result``."""
+    d = _as_distribution(flow)
+    x = d.sample((num_samples,))
+    diag = importance_diagnostics(_check_log_density(log_density(x), x, step) - d.log_prob(x))
     result.log_z, result.log_z_se, result.ess, result.khat, result.elbo = (
         diag.log_evidence, diag.log_evidence_se, diag.ess, diag.khat, diag.elbo)
-    return result
 
 
 def _event_shape(flow, name) -> tuple[int, ...]:
@@ -244,30 +281,35 @@ def _draw(flow, n: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat([d.sample((min(chunk, n - i),)) for i in range(0, n, chunk)])
 
 
-def _warm_start(student, pool, epochs, batch_size, lr, clip_grad, progress):
+def _warm_start(student, pool, epochs, batch_size, lr, clip_grad, progress, max_nonfinite=10):
     """Maximum likelihood of ``student`` on the rows of ``pool``; returns (per-epoch NLL, skipped batches)."""
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    history, skipped = [], 0
+    guard = NonFiniteGuard(params, max_consecutive=max_nonfinite, where="distill_flow warm start",
+                           hint="lower warm_start_lr")
+    history = []
     for epoch in progress_bar(range(epochs), progress, desc="warm start", unit="epoch", leave=False):
         total, count = 0.0, 0
-        for idx in torch.randperm(len(pool)).split(batch_size):
+        for b, idx in enumerate(torch.randperm(len(pool)).split(batch_size)):
             loss = -_as_distribution(student).log_prob(pool[idx]).mean()
             opt.zero_grad()
-            if torch.isfinite(loss):
-                loss.backward()
-            if not torch.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                skipped += 1
-                continue
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
-        if count == 0:
-            raise FloatingPointError(f"the warm start got a non-finite loss or gradient on every minibatch of "
-                                     f"epoch {epoch}; lower warm_start_lr")
-        history.append(total / count)
-    return history, skipped
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else math.inf)
+            if guard.check(loss, norm, at=f"epoch {epoch}, batch {b}"):
+                opt.step()
+                total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        history.append(total / count if count else math.nan)
+    return history, guard.skipped
+
+
+def _check_warm_start_args(warm_start_samples, warm_start_epochs) -> None:
+    if isinstance(warm_start_samples, bool) or not isinstance(warm_start_samples, int) or warm_start_samples < 0:
+        raise ValueError(f"warm_start_samples must be a non-negative int, got {warm_start_samples!r}")
+    if warm_start_samples and not (isinstance(warm_start_epochs, int) and warm_start_epochs >= 1):
+        raise ValueError(f"warm_start_epochs must be a positive int, got {warm_start_epochs!r}")
+    if 0 < warm_start_samples < 20:
+        raise ValueError(f"warm_start_samples={warm_start_samples} is too few to fit a flow to; use 0 (no warm "
+                         f"start) or at least 20")
 
 
 def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_samples: int = 256,
@@ -297,8 +339,9 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     :math:`D` passes per layer) and student scoring of new points (IAF: :math:`D` passes per
     layer), both fine at moderate batch.  A rare far-out teacher draw can overflow the IAF's
     sequential inverse (its scales compound across layers); a minibatch with a non-finite
-    loss or gradient is skipped and counted (``warm_start_skipped``) rather than stopping the
-    fit, which fails only if a whole epoch is skipped.  On the 64-D digits benchmark
+    loss or gradient is skipped, the parameters restored and the skip counted
+    (``warm_start_skipped``), the one policy of :class:`~pyroflows.train.NonFiniteGuard`
+    (``max_nonfinite`` in a row stop it).  On the 64-D digits benchmark
     (``docs/bench_distill.md``) the warm start lowered the KL, but more reverse-KL steps
     with ``lr_schedule="cosine"`` lowered it further per second of compute, so it is off
     by default.
@@ -323,18 +366,12 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
     Raises:
         TypeError: teacher or student is not a flow.
         ValueError: their event shapes differ, or a warm-start argument is out of range.
-        FloatingPointError: every minibatch of a warm-start epoch was non-finite.
+        FloatingPointError: ``max_nonfinite`` consecutive non-finite minibatches or steps.
     """
     t_event, s_event = _event_shape(teacher, "teacher"), _event_shape(student, "student")
     if t_event != s_event:
         raise ValueError(f"teacher and student must have the same event shape, got {t_event} and {s_event}")
-    if isinstance(warm_start_samples, bool) or not isinstance(warm_start_samples, int) or warm_start_samples < 0:
-        raise ValueError(f"warm_start_samples must be a non-negative int, got {warm_start_samples!r}")
-    if warm_start_samples and not (isinstance(warm_start_epochs, int) and warm_start_epochs >= 1):
-        raise ValueError(f"warm_start_epochs must be a positive int, got {warm_start_epochs!r}")
-    if 0 < warm_start_samples < 20:
-        raise ValueError(f"warm_start_samples={warm_start_samples} is too few to fit a flow to; use 0 (no warm "
-                         f"start) or at least 20")
+    _check_warm_start_args(warm_start_samples, warm_start_epochs)
     frozen = [p for p in teacher.parameters() if p.requires_grad]
     was_training = teacher.training
     teacher.eval()
@@ -345,7 +382,7 @@ def distill_flow(teacher: nn.Module, student: nn.Module, *, num_steps: int, num_
         if warm_start_samples:
             pool = _draw(teacher, warm_start_samples)
             warm_nll, skipped = _warm_start(student, pool, warm_start_epochs, num_samples, warm_start_lr or lr,
-                                            kw.get("clip_grad", 10.0), progress)
+                                            kw.get("clip_grad", 10.0), progress, kw.get("max_nonfinite", 10))
         # a normalised teacher needs neither tempering nor the mode-covering term (and the term
         # would score detached draws through the student's slow direction every step)
         kw = {"anneal_steps": 0, "is_forward_kl_weight": 0.0, "lr_schedule": "constant", **kw}
