@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .io import FileFormatError, load_checkpoint, save_checkpoint
+from .progress import progress_bar
 
 __all__ = ["History", "NonFiniteGuard", "check_data", "fit"]
 
@@ -420,12 +421,9 @@ def _run_epoch(epoch, model, state, x, c, order, o: _Options, guard, dist) -> fl
 
 
 def _progress_bar(o: _Options, rank: int, start: int):
-    wanted = True if o.progress is None else bool(o.progress)  # None: auto, i.e. on a terminal only
-    if not (wanted and rank == 0 and sys.stderr.isatty() and o.epochs > start):
+    if rank != 0 or o.epochs <= start:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=o.epochs, initial=start, desc="fit", unit="epoch", leave=False)
+    return progress_bar(None, o.progress, total=o.epochs, initial=start, desc="fit", unit="epoch", leave=False)
 
 
 def _train(state: _TrainState, model, data, o: _Options, dist: _Distributed) -> None:
@@ -488,8 +486,8 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
         val_data: optional held-out rows; their NLL is recorded after each
             epoch, and with ``restore_best`` (default) the flow ends with the
             parameters of the best validation epoch.
-        progress: show a tqdm bar (``None``/``True``: only on a terminal, and
-            only on rank 0; ``False``: never).
+        progress: show a tqdm bar on rank 0 (``None``, the default: only when
+            stderr is a terminal; ``True``: always; ``False``: never).
         patience: stop when the monitored NLL (validation if given, else
             training) has not improved for this many epochs.
         clip_grad: clip the gradient norm to this value (``None``: no clipping).
