@@ -714,9 +714,12 @@ class SinhArcsinh(Transformer):
         return f"SinhArcsinh(max_tail={self.max_tail}, max_skew={self.max_skew})"
 
 
-#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  Structures
-#: (``elementwise``, ``spline_coupling``, ``spline_autoregressive``, ...) take a
-#: ``kind=`` argument looked up here, and the test harness runs every kind.
+#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  The helpers
+#: that take a ``kind=`` argument (``elementwise``, ``spline_coupling``,
+#: ``masked_autoregressive``, ``inverse_autoregressive`` and their conditional
+#: twins) look it up here, and the test harness runs every kind with each of
+#: them.  ``spline_autoregressive`` keeps Pyro's signature and always uses the
+#: default spline; another kind in that structure is ``masked_autoregressive``.
 KINDS = {
     "affine": lambda bins, bound: Affine(),
     "additive": lambda bins, bound: Additive(),
