@@ -153,8 +153,7 @@ class AutoFlow(AutoContinuous):
         init_loc_fn: per-site initialisation of the location :math:`\mu` (as in
             Pyro's other autoguides; default ``init_to_median``).
         init_scale: initial :math:`\sigma` (default 1: the affine layer, not the flow,
-            should carry the posterior's scale; with 0.1 the flow had to stretch the
-            funnel's ``v`` 30-fold and affine flows diverged, see below).
+            should carry the posterior's scale).
         linear: put a learnable lower-triangular linear layer :math:`L` (identity at
             the start) between the flow and the affine layer, :math:`\theta = \mu +
             \sigma \odot L\, f(z)`, so the guide contains every full-covariance Gaussian
@@ -173,23 +172,10 @@ class AutoFlow(AutoContinuous):
         **flow_kw: passed to the architecture.
 
     The defaults were chosen on the 10-D funnel, centred eight schools and the
-    breast-cancer logistic regression (docs/bench_autoguides.md).  With them, at 2000
-    SVI steps of 8 vectorised particles (``benchmarks/autoguides.py``, seeds 0 / 1 / 2),
-    k-hat is 0.42 / 0.54 / 0.20 on the funnel (best Pyro autoguide, AutoIAFNormal:
-    0.67 / 0.59 / 0.55), 0.61 / 0.61 / 0.58 on eight schools (best Pyro guide 0.67 /
-    0.80 / 0.79) and 0.39 / 0.68 / 0.49 on the logistic regression
-    (AutoMultivariateNormal 0.59 / 0.41 / 0.44).  The old default (``"nsf"``,
-    init_scale 0.1, 1 particle) scored 0.69 and 0.93 on the first two.  What each
-    choice did, at 1000 steps: on the funnel a 2-layer IAF went 0.76 -> 0.72 (STL)
-    -> 0.58 (init_scale 1) -> 0.49 (8 particles); the linear layer took the logistic
-    regression from 1.11 to 0.43; init_scale 0.1 was why ``"iaf"`` and ``"realnvp"``
-    diverged (with 1 they did not); the log-scale bound 10 lets the one IAF layer
-    that sees the funnel's ``v`` first (AutoContinuous orders the latent vector as the
-    model samples it) reach the log-scales :math:`\pm 4.5` of :math:`x_i = e^{v/2}
-    z_i` without the soft clamp bending; 2-3 IAF layers beat 5 on the funnel.
-    Eight schools stays near 0.6 whatever the configuration: the guide misses the
-    exponential left tail of :math:`\log\tau` (:math:`p \propto \tau` as
-    :math:`\tau \to 0`), which affine layers on a Gaussian base do not reproduce.
+    breast-cancer logistic regression: ``docs/bench_autoguides.md`` has the measured
+    PSIS k-hat and ESS of the defaults against Pyro's autoguides and what each choice
+    changed (``benchmarks/autoguides.py`` and ``benchmarks/autoflow_default.py``
+    regenerate them), so the numbers live in one place and are rerun, not copied here.
 
     Besides the usual autoguide interface (``Predictive``, ``median``,
     ``quantiles``, ``NeuTraReparam`` through ``get_base_dist``/``get_transform``),

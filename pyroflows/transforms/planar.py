@@ -7,7 +7,10 @@ MLP of a context vector (the ``Conditional*`` twins, so a VAE encoder can
 emit the posterior's flow).  The invertibility constraints are built into
 the parametrisation, so every real ``theta`` gives a bijection.
 
-The forward (sampling) direction is the cheap one.  Planar and Sylvester
+They are not among the layer families of Prince's chapter 16 (they predate
+coupling and autoregressive flows); the tour's last section, on flows as
+variational posteriors, is where they belong.  The forward (sampling)
+direction is the cheap one.  Planar and Sylvester
 inverses solve scalar monotone equations numerically (safeguarded Newton,
 tolerance :math:`\epsilon^{3/4}` of the dtype, :class:`ConvergenceError`
 when not reached); the radial inverse is analytic.  Gradients through a
@@ -218,8 +221,9 @@ _RADIAL_DOC = r"""
         \log|\det J| = (D-1)\log(1 + \beta h) + \log\left(1 + \frac{\alpha\beta}{(\alpha + r)^2}\right),
 
     with :math:`\alpha = \mathrm{softplus}(a) > 0` and
-    :math:`\beta = -\alpha + \mathrm{softplus}(b) > -\alpha` (the invertibility
-    condition) for every real :math:`a, b`.  Both directions are cheap: the
+    :math:`\beta = -\alpha + \max(\mathrm{softplus}(b), \epsilon\alpha) > -\alpha`
+    (the invertibility condition, kept in floating point by the machine
+    :math:`\epsilon`) for every real :math:`a, b`.  Both directions are cheap: the
     inverse is analytic (:math:`r` is the positive root of
     :math:`r^2 + (\alpha + \beta - R)r - \alpha R = 0`, :math:`R = \|y - z_0\|`).
 
@@ -354,9 +358,10 @@ _SYLVESTER_DOC = r"""
     which makes each coordinate of :math:`Q^\top z` a strictly increasing
     function, so the map is invertible for every real parameter.
     ``variant``: ``"orthogonal"`` (:math:`Q` from a QR decomposition of a free
-    :math:`D\times M` matrix, ``num_vectors`` = M <= D), ``"householder"``
-    (:math:`Q` a product of ``num_reflections`` reflections, M = D) or
-    ``"triangular"`` (:math:`Q` the identity, or the reversal with ``flip=True``).
+    :math:`D\times M` matrix, ``num_vectors`` = M <= D, D when ``None``),
+    ``"householder"`` (:math:`Q` a product of ``num_reflections`` reflections,
+    D when ``None``; M = D) or ``"triangular"`` (:math:`Q` the identity, or the
+    reversal with ``flip=True``).
 
     Forward is cheap.  The inverse works in :math:`q = Q^\top z`: the
     triangular structure gives :math:`M` scalar monotone equations, solved from

@@ -225,11 +225,12 @@ class InvertibleResidual(Bijector):
 
     With a stochastic estimator the instance sets ``exact_log_det = False``.
 
-    Direction: ``cheap="forward"`` (default) makes :math:`y = x + g(x)` the
-    forward (sampling) pass and the fixed point the inverse (scoring);
-    ``cheap="inverse"`` puts the explicit map in the normalizing direction,
-    :math:`x = y + g(y)` (i-ResNet's density-estimation setting: scoring is
-    one pass, sampling needs the fixed point).
+    Direction: ``cheap="inverse"`` (default) puts the explicit map in the
+    normalizing direction, :math:`x = y + g(y)` (i-ResNet's density-estimation
+    setting: scoring is one pass, sampling needs the fixed point);
+    ``cheap="forward"`` makes :math:`y = x + g(x)` the forward (sampling) pass
+    and the fixed point the inverse (scoring), the setting for a variational
+    posterior or a distilled sampler.
 
     References: Behrmann et al. 2019, *Invertible Residual Networks*; Chen et
     al. 2019, *Residual Flows for Invertible Generative Modeling*.
@@ -239,7 +240,7 @@ class InvertibleResidual(Bijector):
         hidden: hidden widths of :math:`g`.
         coeff: spectral-norm bound :math:`c \in (0, 1)` of each linear layer.
         log_det: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        cheap: ``"forward"`` or ``"inverse"``: which direction is explicit.
+        cheap: ``"inverse"`` (default) or ``"forward"``: which direction is explicit.
         n_terms: terms of the truncated series (``"series"``).
         n_exact_terms, geom_p: the roulette's always-computed terms and the
             geometric parameter :math:`p` of the extra terms.

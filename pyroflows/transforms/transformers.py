@@ -110,7 +110,7 @@ class Additive(Transformer):
 
 
 class PiecewiseLinear(Transformer):
-    r"""Piecewise-linear monotone map on :math:`[a, b]` with :math:`K` equal-width bins.
+    r"""Piecewise-linear monotone map on [``lower``, ``upper``] with :math:`K` equal-width bins.
 
     The neural-importance-sampling form (Müller et al., "Neural Importance
     Sampling", 2019): unconstrained :math:`\theta \in \mathbb{R}^K` give bin
@@ -123,7 +123,9 @@ class PiecewiseLinear(Transformer):
         g(x) = \sum_{k<b} q_k + (Kx - b)\, q_b, \qquad b = \lfloor K x\rfloor,
         \qquad g'(x) = K q_b,
 
-    rescaled to :math:`[a, b]`.  Outside the interval the map is the identity
+    Prince's eq. 16.12 with 0-based bins :math:`b \in \{0, \dots, K-1\}` (so
+    :math:`Kx - b \in [0, 1)` and :math:`g` is continuous at the knots; the
+    slope is problem 16.8's answer), rescaled to [``lower``, ``upper``].  Outside the interval the map is the identity
     (linear tails), so every real input is valid.  ``theta = 0`` is the
     identity.  The derivative jumps at the knots (the map is continuous).
     """
@@ -714,9 +716,12 @@ class SinhArcsinh(Transformer):
         return f"SinhArcsinh(max_tail={self.max_tail}, max_skew={self.max_skew})"
 
 
-#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  Structures
-#: (``elementwise``, ``spline_coupling``, ``spline_autoregressive``, ...) take a
-#: ``kind=`` argument looked up here, and the test harness runs every kind.
+#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  The helpers
+#: that take a ``kind=`` argument (``elementwise``, ``spline_coupling``,
+#: ``masked_autoregressive``, ``inverse_autoregressive`` and their conditional
+#: twins) look it up here, and the test harness runs every kind with each of
+#: them.  ``spline_autoregressive`` keeps Pyro's signature and always uses the
+#: default spline; another kind in that structure is ``masked_autoregressive``.
 KINDS = {
     "affine": lambda bins, bound: Affine(),
     "additive": lambda bins, bound: Additive(),
