@@ -47,6 +47,14 @@ html_static_path: list[str] = []
 _SKIP = {"pyroflows.__main__"}
 
 
+def _exists(module: str) -> bool:
+    """Importable and a real module (an empty folder is a namespace package without a file)."""
+    try:
+        return getattr(importlib.import_module(module), "__file__", None) is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _public_modules() -> list[str]:
     import pyroflows
 
@@ -86,51 +94,5 @@ def _generate() -> None:
     lines = [".. toctree::", "   :maxdepth: 1", "   :caption: Notes", ""] + [f"   {e}" for e in extra]
     _write(out / "notes.rst", "\n".join(lines) + "\n" if extra else "\n")
 
-
-
-# ----------------------------------------------------------------------
-# the tour's map of the chapter to the code, with what exists marked
-TOUR = [
-    ("16.1", "A 1-D example: change of variables (eqs. 16.1-16.2)",
-     ["pyroflows.transforms.elementwise", "pyroflows.flow"], "examples/one_d_flow.py"),
-    ("16.2", "The general case: forward/inverse mappings, likelihood, sampling, training",
-     ["pyroflows.flow", "pyroflows.transforms.base", "pyroflows.train"], "pyroflows demo"),
-    ("16.3.1", "Linear flows (LU, triangular, Householder)", ["pyroflows.transforms.linear"], None),
-    ("16.3.2", "Elementwise flows (leaky ReLU, piecewise linear, splines)",
-     ["pyroflows.transforms.elementwise", "pyroflows.transforms.transformers"], "examples/one_d_flow.py"),
-    ("16.3.3", "Coupling flows (NICE, RealNVP, NSF)",
-     ["pyroflows.transforms.coupling", "pyroflows.flows"], None),
-    ("16.3.4", "Autoregressive flows (MAF)", ["pyroflows.transforms.autoregressive", "pyroflows.nn"], None),
-    ("16.3.5", "Inverse autoregressive flows (IAF)", ["pyroflows.transforms.autoregressive"], None),
-    ("16.3.6", "Residual flows (iRevNet, i-ResNet)", ["pyroflows.transforms.residual"], None),
-    ("16.3.7", "Multi-scale flows (Glow)", ["pyroflows.transforms.image"], None),
-    ("16.4.1", "Modelling densities, anomaly detection",
-     ["pyroflows.train", "pyroflows.data", "pyroflows.io", "pyroflows.cli"], "pyroflows fit / score"),
-    ("16.4.2", "Synthesis (images)", ["pyroflows.transforms.image", "pyroflows.plot"], None),
-    ("16.4.3", "Approximating other density models (distillation)", ["pyroflows.infer"], None),
-    ("16.5", "Variational inference with flows (SVI guides)", ["pyroflows.infer"], None),
-    ("16.5", "Classic VAE posteriors: planar, radial, Sylvester", ["pyroflows.transforms.planar"], None),
-]
-
-
-def _exists(module: str) -> bool:
-    """Importable and a real module (an empty folder is a namespace package without a file)."""
-    try:
-        return getattr(importlib.import_module(module), "__file__", None) is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _tour_table() -> None:
-    rows = [".. list-table::", "   :header-rows: 1", "   :widths: 8 40 36 16", "",
-            "   * - Section", "     - Topic", "     - Code", "     - Example"]
-    for sec, topic, modules, example in TOUR:
-        code = ", ".join(f":ref:`{m} <api-{m}>`" if _exists(m) else f"``{m}`` (in progress)" for m in modules)
-        rows += [f"   * - {sec}", f"     - {topic}", f"     - {code}",
-                 f"     - ``{example}``" if example else "     - "]
-    _write(HERE / "_autogen" / "tour_table.rst", "\n".join(rows) + "\n")
-
-
 os.environ.setdefault("MPLBACKEND", "Agg")
 _generate()
-_tour_table()

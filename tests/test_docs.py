@@ -15,18 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def test_conf_generates_api_for_every_module_and_the_tour_table():
-    ns = runpy.run_path(str(DOCS / "conf.py"))
+def test_conf_generates_api_for_every_module():
+    runpy.run_path(str(DOCS / "conf.py"))
     api = (DOCS / "_autogen" / "api_modules.rst").read_text()
     for module in ["pyroflows.train", "pyroflows.data", "pyroflows.flow", "pyroflows.plot", "pyroflows.cli",
                    "pyroflows.transforms.base", "pyroflows.transforms.elementwise"]:
         assert f".. automodule:: {module}" in api
     assert "pyroflows.__main__" not in api
-    table = (DOCS / "_autogen" / "tour_table.rst").read_text()
-    assert all(sec in table for sec in ["16.1", "16.2", "16.3.1", "16.4.1", "16.5"])
-    for _, _, _, example in ns["TOUR"]:
-        if example and example.startswith("examples/"):
-            assert (ROOT / example).exists(), example
 
 
 def test_every_page_in_a_toctree_exists():
