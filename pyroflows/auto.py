@@ -276,6 +276,8 @@ def fit_auto(data, *, val_fraction: float = 0.2, seed: int = 0, progress: bool |
 
     if d == 1:
         return gaussian_only("one column: no couplings to add")
+    if cfg["num_layers"] == 0:
+        return gaussian_only("no flow layers asked for (num_layers=0)")
     if n_val < min_val_rows:
         return gaussian_only(f"only {n_val} validation rows (< {min_val_rows}): flow layers not tried")
 
