@@ -104,7 +104,13 @@ def elementwise_flow(input_dim: int, kind: str | None = None, layers: int = 2, b
     return flow
 
 
-_FALLBACKS: dict[str, Callable[..., Flow]] = {"elementwise": elementwise_flow}
+def _auto_tabular(input_dim: int, **kw) -> Flow:
+    from .auto import auto_flow
+
+    return auto_flow(input_dim, **kw)
+
+
+_FALLBACKS: dict[str, Callable[..., Flow]] = {"elementwise": elementwise_flow, "auto_tabular": _auto_tabular}
 
 
 def available_flows() -> list[str]:
@@ -294,6 +300,8 @@ def cmd_fit(args) -> int:
     n_val = round(args.val_fraction * z.shape[0]) if z.shape[0] >= 20 else 0
     val, train = z[perm[:n_val]], z[perm[n_val:]]
     torch.manual_seed(args.seed)
+    if args.flow == "auto":  # the size-aware default: a Gaussian stage, flow layers only if they help
+        return _fit_auto(args, x, z, header, mean, std)
     name = resolve_flow_name(args.flow, x.shape[1])
     try:
         flow = make_flow(name, x.shape[1])
@@ -313,6 +321,23 @@ def cmd_fit(args) -> int:
     print(f"fitted {name} to {x.shape[0]} rows x {x.shape[1]} columns in {hist.epochs} epochs; "
           f"{'validation' if hist.val_nll else 'training'} NLL {nll + float(std.log().sum()):.4f} nats/row; "
           f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+def _fit_auto(args, x, z, header, mean, std) -> int:
+    from .auto import fit_auto
+
+    # --epochs caps the flow layers' training; batch size, lr and weight decay are chosen by data size
+    flow, report = fit_auto(z, val_fraction=args.val_fraction, seed=args.seed, progress=not args.quiet,
+                            config={"epochs": args.epochs})
+    with torch.no_grad():
+        train_lp = flow.log_prob(z) - std.log().sum()
+    try:
+        save_model(args.out, flow, flow_name="auto_tabular", flow_kwargs=report.flow_kwargs, mean=mean, std=std,
+                   columns=header, train_log_prob=train_lp, history=report.history)
+    except (OSError, RuntimeError) as e:
+        raise CLIError(f"{args.out}: cannot write ({getattr(e, 'strerror', None) or str(e).splitlines()[0]})") from None
+    print(f"{report.summary()}\nfitted to {x.shape[0]} rows x {x.shape[1]} columns; saved {args.out}", file=sys.stderr)
     return 0
 
 
@@ -337,11 +362,12 @@ def cmd_score(args) -> int:
         raise CLIError(f"{args.data}: expected {d} columns (as the model was fitted), got {x.shape[1]}")
     lp = model.log_prob(x)
     ref = model.train_log_prob if model.train_log_prob is not None else lp
+    source = "training" if model.train_log_prob is not None else "scored (the model file has no training scores)"
     threshold = float(torch.quantile(ref.double(), args.quantile))
     rows = [[float(v), int(v < threshold)] for v in lp.tolist()]
     _write_csv(rows, ["log_prob", "anomaly"], args.out)
-    print(f"threshold log p < {threshold:.4f} (the {args.quantile:g} quantile of the training rows): "
-          f"{sum(r[1] for r in rows)} of {len(rows)} rows flagged", file=sys.stderr)
+    print(f"threshold log p < {threshold:.4f} (the {args.quantile:g} quantile of the {len(ref)} {source} rows' "
+          f"log densities): {sum(r[1] for r in rows)} of {len(rows)} rows flagged", file=sys.stderr)
     return 0
 
 
@@ -623,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a flow to the rows of a CSV file")
     f.add_argument("data", help="CSV file of numbers (optional header row)")
-    f.add_argument("--flow", default="auto", help="architecture name (default auto)")
+    f.add_argument("--flow", default="auto",
+                   help="architecture name (default auto: a full-covariance Gaussian stage, plus spline "
+                        "couplings sized to the data only if they beat it on the validation rows)")
     f.add_argument("--out", default="model.pt", help="model file to write (default model.pt)")
     f.add_argument("--epochs", type=int, default=200)
     f.add_argument("--batch-size", type=int, default=256)
@@ -641,7 +669,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=cmd_sample)
 
-    c = sub.add_parser("score", help="per-row log density and anomaly flag")
+    c = sub.add_parser("score", help="per-row log density and anomaly flag",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score the rows of DATA with a fitted model.",
+                       epilog="output: CSV with a header and one row per input row:\n"
+                              "  log_prob  log density of the row in the data's units (nats; the\n"
+                              "            standardisation's Jacobian included)\n"
+                              "  anomaly   1 if log_prob is below the threshold, else 0\n"
+                              "The threshold is the --quantile quantile of the training rows' log\n"
+                              "densities (stored in the model file); it is printed on standard error.")
     c.add_argument("model")
     c.add_argument("data")
     c.add_argument("--quantile", type=float, default=0.01,

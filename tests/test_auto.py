@@ -113,3 +113,23 @@ def test_too_few_validation_rows_skip_the_flow_layers():
     assert len(flow.transforms) == 1
     _, report = fit_auto(torch.randn(50, 3), progress=False, config={"num_layers": 0})
     assert report.chosen == "gaussian" and "num_layers=0" in report.reason
+
+
+def test_cli_fit_auto_and_score_report_what_they_did(tmp_path, capsys):
+    from pyroflows.cli import load_model, main
+
+    x = _gaussian(d=3, seed=4).sample((120,)).float()
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in x.tolist()) + "\n")
+    model = tmp_path / "m.pt"
+    assert main(["fit", str(data), "--out", str(model), "--epochs", "30", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("auto: ") and "validation log-likelihood" in err
+    loaded = load_model(str(model))  # rebuilt from the saved architecture keywords
+    assert torch.allclose(loaded.log_prob(x), loaded.train_log_prob, atol=1e-4)
+    assert main(["score", str(model), str(data), "--quantile", "0.05"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[0] == "log_prob,anomaly" and len(lines) == 121
+    assert "0.05 quantile of the 120 training rows' log densities" in err
+    assert 3 <= sum(int(line.split(",")[1]) for line in lines[1:]) <= 9
