@@ -162,7 +162,8 @@ def fit_density(method: str, train: np.ndarray, seed: int):
 
 def density_run(name, x, seed, n, test, pool):
     train, test = standardise(pool[:n], test)
-    row = {"task": "density", "dataset": name, "seed": seed, "n_train": n, "n_test": len(test),
+    row = {"task": "density", "dataset": name, "seed": seed, "n_train": n, "size": "all" if n == len(pool) else n,
+           "n_test": len(test),
            "n_cols": x.shape[1], "ll": {}, "info": {}, "seconds": {}}
     lls = {}
     for method in DENSITY_METHODS:
@@ -195,7 +196,8 @@ def anomaly_run(name, x, y, seed, sizes):
     for n in sizes_for(len(pool), sizes):
         train, test = standardise(pool[:n], np.concatenate([test_normal, anomalies]))
         labels = np.r_[np.zeros(len(test_normal)), np.ones(len(anomalies))]
-        row = {"task": "anomaly", "dataset": name, "seed": seed, "n_train": n, "anomaly_class": int(anomaly_class),
+        row = {"task": "anomaly", "dataset": name, "seed": seed, "n_train": n, "size": "all" if n == len(pool) else n,
+               "anomaly_class": int(anomaly_class),
                "n_test_normal": len(test_normal), "n_anomalies": len(anomalies), "auroc": {}, "info": {}}
         for method in DENSITY_METHODS:
             score, info = fit_density(method, train, seed)
@@ -231,14 +233,14 @@ def report(results: list[dict], commands: list[str]) -> str:
                 "| data | n train | test rows | auto | gauss_ml | gauss_lw | gmm_bic | kde | auto - gauss | "
                 "flow kept |", "|---|---|---|---|---|---|---|---|---|---|"]
         for key in _groups(dens):
-            rs = [r for r in dens if (r["dataset"], r["n_train"]) == key]
+            rs = [r for r in dens if _key(r) == key]
             ll = {m: np.mean([r["ll"][m] for r in rs]) for m in DENSITY_METHODS}
             best = max(ll.values())
             cells = [f"**{_fmt(ll[m])}**" if ll[m] == best else _fmt(ll[m]) for m in DENSITY_METHODS]
             d = np.mean([r["vs_gauss"]["diff"] for r in rs])
             se = math.sqrt(sum(r["vs_gauss"]["se"] ** 2 for r in rs)) / len(rs)
             kept = sum(r["info"]["auto"]["chosen"] == "flow" for r in rs)
-            out.append(f"| {key[0]} | {key[1]} | {rs[0]['n_test']} | " + " | ".join(cells)
+            out.append(f"| {key[0]} | {_size_label(rs)} | {rs[0]['n_test']} | " + " | ".join(cells)
                        + f" | {d:+.2f} ± {se:.2f} | {kept}/{len(rs)} |")
         out.append("")
     anom = [r for r in results if r["task"] == "anomaly"]
@@ -250,26 +252,36 @@ def report(results: list[dict], commands: list[str]) -> str:
                 "| data | n train | " + " | ".join(methods) + " | auto - best | flow kept |",
                 "|---|---|" + "---|" * (len(methods) + 2)]
         for key in _groups(anom):
-            rs = [r for r in anom if (r["dataset"], r["n_train"]) == key]
+            rs = [r for r in anom if _key(r) == key]
             au = {m: np.mean([r["auroc"][m] for r in rs]) for m in methods}
             best = max(au.values())
             cells = [f"**{au[m]:.3f}**" if au[m] == best else f"{au[m]:.3f}" for m in methods]
             base = max(v for m, v in au.items() if m != "auto")
             kept = sum(r["info"]["auto"]["chosen"] == "flow" for r in rs)
-            out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {au['auto'] - base:+.3f} | "
+            out.append(f"| {key[0]} | {_size_label(rs)} | " + " | ".join(cells) + f" | {au['auto'] - base:+.3f} | "
                        f"{kept}/{len(rs)} |")
         out.append("")
     return "\n".join(out)
 
 
+def _key(r):
+    return r["dataset"], r["size"]
+
+
+def _size_label(rs) -> str:
+    ns = sorted({r["n_train"] for r in rs})
+    if rs[0]["size"] != "all":
+        return str(ns[0])
+    return f"all ({ns[0]})" if len(ns) == 1 else f"all ({ns[0]}-{ns[-1]})"
+
+
 def _groups(rows):
     seen = []
     for r in rows:
-        key = (r["dataset"], r["n_train"])
-        if key not in seen:
-            seen.append(key)
+        if _key(r) not in seen:
+            seen.append(_key(r))
     order = {d: i for i, d in enumerate(DATASETS)}
-    return sorted(seen, key=lambda k: (order.get(k[0], 99), k[1]))
+    return sorted(seen, key=lambda k: (order.get(k[0], 99), math.inf if k[1] == "all" else k[1]))
 
 
 def main(argv=None):
