@@ -45,7 +45,7 @@ from that file after every run.
 Usage (the run reported in ``docs/bench_tabular.md``)::
 
     OMP_NUM_THREADS=1 python benchmarks/tabular.py --seeds 0,1,2
-    python benchmarks/tabular.py --report-only
+    python benchmarks/tabular.py --report-only --results benchmarks/tabular_results.jsonl --notes benchmarks/tabular_notes.md
 """
 
 from __future__ import annotations
