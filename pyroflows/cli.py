@@ -51,11 +51,15 @@ def _split(z: torch.Tensor, val_fraction: float, seed: int):
 def cmd_fit(args) -> int:
     from .train import fit
 
+    if args.val_fraction is None:
+        args.val_fraction = 0.2 if args.flow == "auto" else 0.1  # 0.2: what fit_auto was measured with
     if not 0 <= args.val_fraction < 1:
         raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     x, header = read_csv(args.data)
     mean, std = _standardise(x)
     z = (x - mean) / std
+    if args.flow == "auto" and x.shape[1] > 1:  # the size-aware default: a Gaussian stage, flow layers
+        return _fit_auto(args, x, z, header, mean, std)  # only if they help (1-D: elementwise splines)
     train, val = _split(z, args.val_fraction, args.seed)
     torch.manual_seed(args.seed)
     name, kwargs = resolve_flow_name(args.flow, x.shape[1]), {}
@@ -71,6 +75,21 @@ def cmd_fit(args) -> int:
     print(f"fitted {name} to {x.shape[0]} rows x {x.shape[1]} columns in {hist.epochs} epochs; "
           f"{'validation' if hist.val_nll else 'training'} NLL {nll + float(std.log().sum()):.4f} nats/row; "
           f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+def _fit_auto(args, x, z, header, mean, std) -> int:
+    from .auto import fit_auto
+
+    # --epochs caps the flow layers' training; batch size, lr and weight decay are chosen by data size
+    flow, report = fit_auto(z, val_fraction=args.val_fraction, seed=args.seed,
+                            progress=None if not args.quiet else False, config={"epochs": args.epochs})
+    with torch.no_grad():
+        train_lp = flow.log_prob(z) - std.log().sum()
+    save_model(args.out, flow, flow_name="auto_tabular", flow_kwargs=report.flow_kwargs, mean=mean, std=std,
+               columns=header, train_log_prob=train_lp, history=report.history)
+    print(f"{report.summary()}\nfitted to {x.shape[0]} rows x {x.shape[1]} columns; saved {args.out}",
+          file=sys.stderr)
     return 0
 
 
@@ -97,8 +116,9 @@ def cmd_score(args) -> int:
     threshold = float(torch.quantile(ref.double(), args.quantile))
     rows = [[float(v), int(v < threshold)] for v in lp.tolist()]
     write_csv(rows, ["log_prob", "anomaly"], args.out)
-    print(f"threshold log p < {threshold:.4f} (the {args.quantile:g} quantile of the training rows): "
-          f"{sum(r[1] for r in rows)} of {len(rows)} rows flagged", file=sys.stderr)
+    source = "training" if model.train_log_prob is not None else "scored (the model file has no training scores)"
+    print(f"threshold log p < {threshold:.4f} (the {args.quantile:g} quantile of the {len(ref)} {source} rows' "
+          f"log densities): {sum(r[1] for r in rows)} of {len(rows)} rows flagged", file=sys.stderr)
     return 0
 
 
@@ -129,13 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a flow to the rows of a CSV file")
     f.add_argument("data", help="CSV file of numbers (optional header row)")
     f.add_argument("--flow", default="auto", choices=flows, metavar="NAME",
-                   help=f"architecture: {', '.join(flows)} (default auto)")
+                   help=f"architecture: {', '.join(flows)} (default auto: a full-covariance Gaussian stage, "
+                        f"plus spline couplings sized to the data only if they beat it on the validation rows)")
     f.add_argument("--out", default="model.pt", help="model file to write (default model.pt)")
     f.add_argument("--epochs", type=int, default=200)
     f.add_argument("--batch-size", type=int, default=256)
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
-    f.add_argument("--val-fraction", type=float, default=0.1, help="rows held out for validation")
+    f.add_argument("--val-fraction", type=float, default=None,
+                   help="rows held out for validation (default 0.2 with --flow auto, else 0.1)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fit)
@@ -147,7 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=cmd_sample)
 
-    c = sub.add_parser("score", help="per-row log density and anomaly flag")
+    c = sub.add_parser("score", help="per-row log density and anomaly flag",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score the rows of DATA with a fitted model.",
+                       epilog="output: CSV with a header and one row per input row:\n"
+                              "  log_prob  log density of the row in the data's units (nats; the\n"
+                              "            standardisation's Jacobian included)\n"
+                              "  anomaly   1 if log_prob is below the threshold, else 0\n"
+                              "The threshold is the --quantile quantile of the training rows' log\n"
+                              "densities (stored in the model file); it is printed on standard error.")
     c.add_argument("model", help="model file written by `pyroflows fit` (read safely)")
     c.add_argument("data")
     c.add_argument("--quantile", type=float, default=0.01,

@@ -277,6 +277,16 @@ del _name
 register_flow("elementwise", elementwise_flow)
 
 
+def _auto_tabular(input_dim: int, **kw) -> Flow:
+    """The architecture :func:`pyroflows.auto.fit_auto` chose (rebuilt from its ``flow_kwargs``)."""
+    from .auto import auto_flow
+
+    return auto_flow(input_dim, **kw)
+
+
+register_flow("auto_tabular", _auto_tabular)
+
+
 def available_flows() -> list[str]:
     """The registered architecture names (besides ``"auto"``), sorted."""
     return sorted(REGISTRY)
