@@ -15,7 +15,7 @@ from pyroflows.transforms import elementwise, leaky_relu
 
 def small_flow(dim):
     """A tiny flow from existing layers (the named architectures live in pyroflows.flows)."""
-    return [elementwise(dim, "affine"), leaky_relu(dim, negative_slope=1.0), elementwise(dim, "affine")]
+    return [elementwise(dim, kind="affine"), leaky_relu(negative_slope=1.0), elementwise(dim, kind="affine")]
 
 
 DATA = torch.tensor([0.3, 1.1, -0.4, 0.8, 2.0])

@@ -76,9 +76,7 @@ def test_16_4_omega1_needs_a_sign_so_triangular_rejects_it():
 
 def test_16_7_leaky_relu_inverse_and_jacobian():
     alpha = 0.2
-    layer = T.leaky_relu(5, negative_slope=alpha).double()
-    with torch.no_grad():  # the slope in float64 exactly (the helper builds it in float32)
-        layer.log_slope.fill_(math.log(alpha))
+    layer = T.leaky_relu(negative_slope=alpha)  # a fixed slope, as Pyro's
     x = _t([-2.0, -0.5, 0.3, 1.5, -4.0])
     # f(x) = x for x >= 0, alpha x otherwise; f^{-1}(y) = y for y >= 0, y / alpha otherwise
     y = layer(x)
@@ -96,7 +94,7 @@ def test_16_7_leaky_relu_inverse_and_jacobian():
 def test_16_8_piecewise_linear_jacobian_is_k_times_bin_mass():
     K = 4
     q = _t([0.1, 0.2, 0.3, 0.4])  # bin masses, q = m + (1 - K m) softmax(theta)
-    layer = T.piecewise_linear(1, bins=K).double()
+    layer = T.piecewise_linear(1, count_bins=K).double()
     with torch.no_grad():
         layer.params.copy_(((q - MIN_BIN_SIZE) / (1 - K * MIN_BIN_SIZE)).log().unsqueeze(0))
     h = _t([0.05, 0.30, 0.55, 0.90])  # one point in each bin b = 0, 1, 2, 3
