@@ -86,7 +86,8 @@ def test_16_7_leaky_relu_inverse_and_jacobian():
     diag = _t([alpha, alpha, 1.0, 1.0, alpha])
     assert torch.allclose(jacobian(layer._call, x), torch.diag(diag), atol=1e-12)
     assert torch.allclose(jacobian(layer._inverse, y), torch.diag(1 / diag), atol=1e-12)
-    assert math.isclose(layer.log_abs_det_jacobian(x, y).item(), 3 * math.log(alpha), abs_tol=1e-12)
+    # elementwise on any shape (event_dim 0, as Pyro's): the log-det of the vector map is the sum
+    assert math.isclose(layer.log_abs_det_jacobian(x, y).sum().item(), 3 * math.log(alpha), abs_tol=1e-12)
 
 
 # --- problem 16.8: piecewise-linear flow --------------------------------------------

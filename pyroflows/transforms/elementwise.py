@@ -185,16 +185,16 @@ class LeakyReLU(_Scalar):
             raise ValueError(f"negative_slope must be > 0 for invertibility, got {negative_slope}")
         self.negative_slope = float(negative_slope)
 
-    def _ladj(self, neg):
-        return torch.where(neg, math.log(self.negative_slope), 0.0)
+    def _ladj(self, neg, like):
+        return neg.to(like.dtype) * math.log(self.negative_slope)
 
     def _call_and_ladj(self, x):
         neg = x < 0
-        return torch.where(neg, x * self.negative_slope, x), self._ladj(neg).to(x.dtype)
+        return torch.where(neg, x * self.negative_slope, x), self._ladj(neg, x)
 
     def _inverse_and_ladj(self, y):
         neg = y < 0
-        return torch.where(neg, y / self.negative_slope, y), self._ladj(neg).to(y.dtype)
+        return torch.where(neg, y / self.negative_slope, y), self._ladj(neg, y)
 
     def extra_repr(self):
         return f"negative_slope={self.negative_slope}"

@@ -529,7 +529,7 @@ class RationalQuadraticSpline(_Spline):
         x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], ends, 0.0, 1.0)
         y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], ends, 0.0, 1.0)
         raw = _take(raw_d, pair.clamp(max=K - 2))
-        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
+        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, raw.new_full((), 2.0)))).unbind(-1)
         d0, d1 = _fill_ends(d0, d1, ends, 1.0, 1.0)
         w, h = x1 - x0, y1 - y0
         return x0, y0, w, h, h / w, d0, d1, idx
