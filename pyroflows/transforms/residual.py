@@ -225,11 +225,11 @@ class InvertibleResidual(Bijector):
 
     With a stochastic estimator the instance sets ``exact_log_det = False``.
 
-    Direction: ``cheap="forward"`` (default) makes :math:`y = x + g(x)` the
-    forward (sampling) pass and the fixed point the inverse (scoring);
-    ``cheap="inverse"`` puts the explicit map in the normalizing direction,
-    :math:`x = y + g(y)` (i-ResNet's density-estimation setting: scoring is
-    one pass, sampling needs the fixed point).
+    Direction: ``cheap="inverse"`` (default) puts the explicit map in the
+    normalizing direction, :math:`x = y + g(y)` (i-ResNet's density-estimation
+    setting: scoring is one pass, sampling needs the fixed point);
+    ``cheap="forward"`` makes :math:`y = x + g(x)` the forward (sampling) pass
+    and the fixed point the inverse (scoring).
 
     References: Behrmann et al. 2019, *Invertible Residual Networks*; Chen et
     al. 2019, *Residual Flows for Invertible Generative Modeling*.

@@ -802,7 +802,7 @@ class SinhArcsinh(Transformer):
 
 
 #: Transformer kinds by name: ``kind -> factory(bins, bound)``.  Structures
-#: (``elementwise``, ``spline_coupling``, ``spline_autoregressive``, ...) take a
+#: (``elementwise``, ``spline_coupling``, ``masked_autoregressive``, ...) take a
 #: ``kind=`` argument looked up here, and the test harness runs every kind.
 KINDS = {
     "affine": lambda bins, bound: Affine(),
