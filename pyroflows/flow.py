@@ -192,7 +192,7 @@ class Flow(nn.Module):
         are scored from the cached passes; ``cache=False`` recomputes every layer."""
         self.check_input(x)
         transform = self.transform(context)
-        if torch.distributions.Distribution._validate_args and not bool(transform.codomain.check(x).all()):
+        if dist.is_validation_enabled() and not bool(transform.codomain.check(x).all()):
             raise ValueError(f"Expected value argument ({type(x).__name__} of shape {tuple(x.shape)}) "
                              f"to be within the support ({transform.codomain!r}) of the flow, but found "
                              f"invalid values")

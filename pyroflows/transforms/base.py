@@ -92,7 +92,7 @@ def _invalidate_on_backward(entry: _Pass, tensors) -> None:
             t.register_hook(hook)
 
 
-class _CachedPasses:
+class CachedPasses:
     """Caching logic shared by plain and conditioned bijectors.
 
     Subclasses provide ``_forward_pass(x)``, ``_inverse_pass(y)``,
@@ -200,7 +200,7 @@ class _CachedPasses:
         self._pass = None
 
 
-class _TensorList:
+class TensorList:
     """The parameters and buffers of a layer, as slots ``(dict, name)`` listed once
     (walking the module tree on every pass is measurable) until an attribute of
     the layer is reassigned; the tensors themselves are read from their slots
@@ -227,7 +227,7 @@ class _TensorList:
         super().__setattr__(name, value)
 
 
-class Bijector(_CachedPasses, _TensorList, TransformModule):
+class Bijector(CachedPasses, TensorList, TransformModule):
     r"""Base class of every pyroflows layer: a Pyro ``TransformModule``.
 
     Subclasses implement
@@ -287,7 +287,7 @@ class Bijector(_CachedPasses, _TensorList, TransformModule):
     __repr__ = torch.nn.Module.__repr__
 
 
-class ConditionalBijector(_TensorList, ConditionalTransformModule):
+class ConditionalBijector(TensorList, ConditionalTransformModule):
     r"""Base class of every conditional pyroflows layer.
 
     Subclasses implement ``_call_and_ladj(x, context)`` and
@@ -338,7 +338,7 @@ class ConditionalBijector(_TensorList, ConditionalTransformModule):
         return object.__hash__(self)
 
 
-class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
+class ConditionedBijector(CachedPasses, torch.distributions.Transform):
     """A :class:`ConditionalBijector` bound to one context tensor."""
 
     bijective = True

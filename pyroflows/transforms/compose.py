@@ -30,7 +30,7 @@ from torch.distributions import constraints
 from torch.distributions.transforms import identity_transform
 from torch.distributions.utils import _sum_rightmost
 
-from .base import _CachedPasses, _TensorList
+from .base import CachedPasses, TensorList
 
 __all__ = ["Composed", "ComposedModule", "identity_transform", "iterated"]
 
@@ -58,10 +58,15 @@ def _step(t, v, inverse: bool, cache: bool):
     """One layer's ``(output, log|det J|)``, through its public pass when it has one."""
     if hasattr(t, "call_and_ladj"):
         return t.inverse_and_ladj(v, cache=cache) if inverse else t.call_and_ladj(v, cache=cache)
-    if inverse:  # any other Pyro / torch transform
-        x = t.inv(v) if cache else t._inverse(v)
+    if not cache:  # any other Pyro / torch transform, without its cache
+        try:
+            t = t.with_cache(0)
+        except NotImplementedError:
+            pass
+    if inverse:
+        x = t.inv(v)
         return x, t.log_abs_det_jacobian(x, v)
-    y = t(v) if cache else t._call(v)
+    y = t(v)
     return y, t.log_abs_det_jacobian(v, y)
 
 
@@ -97,7 +102,7 @@ def _training(t):
     return getattr(t, "training", None)
 
 
-class _Cascade(_CachedPasses):
+class _Cascade(CachedPasses):
     """Passes, cache and Pyro interface of a composition; subclasses provide ``_steps()``."""
 
     bijective = True
@@ -187,7 +192,7 @@ class _Held(nn.Module):
         return repr(self.transform)
 
 
-class ComposedModule(_Cascade, _TensorList, TransformModule):
+class ComposedModule(_Cascade, TensorList, TransformModule):
     """An ``nn.Module`` owning a list of transforms, composed as :class:`Composed`
     (Pyro's ``ComposeTransformModule``, and ``ConditionalComposeTransformModule``
     through :meth:`condition`).  Every transform is kept: parameter-free ones that
