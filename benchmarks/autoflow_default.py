@@ -52,15 +52,15 @@ CANDIDATES = {
     "iaf5 bound 10": (lambda d: flows.iaf(d, kind=Affine(10.0)), {}),
     "nsf, new settings": ("nsf", {}),
     # a full-covariance Gaussian (the linear layer alone) trained with STL: AutoMultivariateNormal + STL
-    "gaussian + STL": (lambda d: [elementwise(d, "affine")], {}),
-    "gaussian, no STL": (lambda d: [elementwise(d, "affine")], {"stl": False}),
+    "gaussian + STL": (lambda d: [elementwise(d, kind="affine")], {}),
+    "gaussian, no STL": (lambda d: [elementwise(d, kind="affine")], {"stl": False}),
     # a two-sided sinh-arcsinh layer on the base side (it can make exponential / polynomial tails
     # that affine layers on a Gaussian base cannot), then the default flow
     "default + sinh-arcsinh base layer": (
-        lambda d: [elementwise(d, "sinh_arcsinh"), *default_flow(d).transforms], {}),
+        lambda d: [elementwise(d, kind="sinh_arcsinh"), *default_flow(d).transforms], {}),
     # the same layer on the data side of the flow (before AutoFlow's linear and affine layers)
     "default + sinh-arcsinh data-side layer": (
-        lambda d: [*default_flow(d).transforms, elementwise(d, "sinh_arcsinh")], {}),
+        lambda d: [*default_flow(d).transforms, elementwise(d, kind="sinh_arcsinh")], {}),
 }
 
 

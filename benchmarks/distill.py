@@ -70,11 +70,11 @@ FLOW_NAME = "`pyroflows.flows.nsf(2)` (4 rational-quadratic spline couplings, 8 
 
 # -- MAF teacher, IAF student ----------------------------------------------------------------
 def make_maf(dim, layers=4):
-    return flows.maf(dim, num_layers=layers, hidden=(2 * dim, 2 * dim))
+    return flows.maf(dim, num_layers=layers, hidden_dims=(2 * dim, 2 * dim))
 
 
 def make_iaf(dim, layers=4):
-    return flows.iaf(dim, num_layers=layers, hidden=(2 * dim, 2 * dim))
+    return flows.iaf(dim, num_layers=layers, hidden_dims=(2 * dim, 2 * dim))
 
 
 def digits_data(generator=None):
@@ -186,7 +186,7 @@ def distill_digits(teacher_epochs, kd_steps, warm_samples, warm_epochs, holdout,
              {"warm_start_samples": warm_samples, "warm_start_epochs": warm_epochs, "lr_schedule": "cosine"}),
             (f"reverse KL only, {long_steps} steps, cosine lr", {"num_steps": long_steps, "lr_schedule": "cosine"})]
     lines += ["", "## Teacher -> student (`distill_flow`), digits 64-D", "",
-              f"Teacher `flows.maf(64, num_layers=4, hidden=(128, 128))` fitted by `pyroflows.train.fit` on {how} "
+              f"Teacher `flows.maf(64, num_layers=4, hidden_dims=(128, 128))` fitted by `pyroflows.train.fit` on {how} "
               f"(at most {teacher_epochs} epochs = {mle_steps} steps of 256, lr 1e-3): {fit_secs:.0f} s, train NLL "
               f"{nll:.2f} nats{val_note}, all images with fresh dequantisation noise {fresh_nll:.2f} nats. "
               f"Students `flows.iaf` of the same size; reverse stage {kd_steps} steps (unless said) x 256 "

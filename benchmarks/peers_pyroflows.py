@@ -5,9 +5,9 @@ Run from the repository root with ``benchmarks/peers.sh``.  Each builder takes t
 ``.sample(n)``, ``.parameters()``, ``.roundtrip(x)`` and ``.notes``, with the same architecture and
 parameter count as the peers' adapters:
 
-* affine coupling -> ``flows.realnvp(D, num_layers=L, hidden=H, mixing="alternate")``
-* spline coupling -> ``flows.nsf(D, num_layers=L, hidden=H, bins=K, bound=B, mixing="alternate")``
-* maf             -> ``flows.maf(D, num_layers=L, hidden=H)``
+* affine coupling -> ``flows.realnvp(D, num_layers=L, hidden_dims=H, mixing="alternate")``
+* spline coupling -> ``flows.nsf(D, num_layers=L, hidden_dims=H, count_bins=K, bound=B, mixing="alternate")``
+* maf             -> ``flows.maf(D, num_layers=L, hidden_dims=H)``
 
 ``build_pyroflows`` times the public eager API (``Flow.log_prob`` / ``Flow.sample``).
 ``build_pyroflows_compiled`` and ``build_zuko_compiled`` wrap a whole pure ``log_prob`` function and a
@@ -46,13 +46,13 @@ def build_flow(spec):
     D, L, H = spec["D"], spec["layers"], tuple(spec["hidden"])
     kind = spec["kind"]
     if kind == "affine_coupling":
-        return flows.realnvp(D, num_layers=L, hidden=H, mixing="alternate"), (
+        return flows.realnvp(D, num_layers=L, hidden_dims=H, mixing="alternate"), (
             "flows.realnvp(mixing='alternate'): Coupling + Affine (log-scale soft-clamped 5 tanh(s/5)), MLP conditioner")
     if kind == "spline_coupling":
-        return flows.nsf(D, num_layers=L, hidden=H, bins=spec["bins"], bound=spec["bound"], mixing="alternate"), (
+        return flows.nsf(D, num_layers=L, hidden_dims=H, count_bins=spec["bins"], bound=spec["bound"], mixing="alternate"), (
             "flows.nsf(mixing='alternate'): Coupling + RationalQuadraticSpline (identity tails), MLP conditioner")
     if kind == "maf":
-        return flows.maf(D, num_layers=L, hidden=H), (
+        return flows.maf(D, num_layers=L, hidden_dims=H), (
             "flows.maf: MaskedAutoregressive + Affine, MADE orders alternate natural/reverse")
     raise NotImplementedError(kind)
 

@@ -98,19 +98,19 @@ MODELS = {
     "zuko_nsf": _zuko_nsf,
     # coupling RQ spline, 5 layers, 8 bins, bound 5: 28,915
     # (spline in the generative direction; before nsf's default became the normalizing one)
-    "nsf": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0, direction="generative"),
+    "nsf": lambda: flows.nsf(2, num_layers=5, hidden_dims=(64, 64), count_bins=8, bound=5.0, direction="generative"),
     # the same, with the spline in the normalizing direction (zuko/nflows convention; nsf's default now): 28,915
-    "nsf_swap": lambda: flows.nsf(2, num_layers=5, hidden=(64, 64), bins=8, bound=5.0, direction="normalizing"),
+    "nsf_swap": lambda: flows.nsf(2, num_layers=5, hidden_dims=(64, 64), count_bins=8, bound=5.0, direction="normalizing"),
     # MAF with RQ-spline transformers, 4 layers (the same structure as zuko's NSF): 29,368
-    "maf": lambda: flows.maf(2, num_layers=4, hidden=(64, 64), kind="rq_spline", bins=8, bound=5.0),
+    "maf": lambda: flows.maf(2, num_layers=4, hidden_dims=(64, 64), kind="rq_spline", count_bins=8, bound=5.0),
     # the same, with the spline in the normalizing direction: exactly zuko's NSF architecture: 29,368
-    "maf_swap": lambda: flows.maf(2, num_layers=4, hidden=(64, 64), kind=_swapped_rq()),
+    "maf_swap": lambda: flows.maf(2, num_layers=4, hidden_dims=(64, 64), kind=_swapped_rq()),
     # affine couplings, 6 layers of width 67: 28,956
-    "realnvp": lambda: flows.realnvp(2, num_layers=6, hidden=(67, 67)),
+    "realnvp": lambda: flows.realnvp(2, num_layers=6, hidden_dims=(67, 67)),
     # 6 contractive residual blocks of width 67, series log-det (5 terms) in training: 29,370
-    "iresnet": lambda: flows.iresnet(2, num_blocks=6, hidden=(67, 67)),
+    "iresnet": lambda: flows.iresnet(2, num_blocks=6, hidden_dims=(67, 67)),
     # 6 contractive residual blocks of width 67, Russian-roulette log-det in training: 29,370
-    "residual_flow": lambda: flows.residual_flow(2, num_blocks=6, hidden=(67, 67)),
+    "residual_flow": lambda: flows.residual_flow(2, num_blocks=6, hidden_dims=(67, 67)),
 }
 
 RESIDUAL = ("iresnet", "residual_flow")

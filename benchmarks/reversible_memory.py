@@ -46,7 +46,7 @@ def measure(depth: int, memory_saving: bool) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    layer = ReversibleResidual(WIDTH, num_blocks=depth, hidden=(WIDTH,), memory_saving=memory_saving)
+    layer = ReversibleResidual(WIDTH, num_blocks=depth, hidden_dims=(WIDTH,), memory_saving=memory_saving)
     for p in layer.parameters():
         p.grad = torch.zeros_like(p)
     x = torch.randn(BATCH, WIDTH)

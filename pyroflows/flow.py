@@ -1,8 +1,9 @@
-"""``Flow``: a stack of pyroflows layers plus a base density, as an ``nn.Module``.
+"""``Flow``: a composed transform plus a base density, as an ``nn.Module``.
 
 Calling the module returns a Pyro :class:`~pyro.distributions.TransformedDistribution`,
 so a flow drops into anything Pyro does: a prior in a model, an SVI guide, an
-amortized posterior.
+amortized posterior.  ``flow.transform(context)`` is the composed transform
+itself, usable wherever Pyro takes a transform.
 """
 
 from __future__ import annotations
@@ -11,21 +12,56 @@ from collections.abc import Iterable
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.utils import _sum_rightmost
 
-from .transforms.base import Bijector
+from .transforms.compose import ComposedModule
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "StandardNormal", "StandardUniform"]
 
 
-def _event_shape_of(transforms) -> tuple[int, ...] | None:
-    for t in transforms:
-        shape = getattr(t, "event_shape", None)
-        if shape is not None:
-            return tuple(shape)
-    return None
+class StandardNormal(nn.Module):
+    """The default base: a standard normal over ``event_shape``, held as buffers
+    (``.to(device)`` and ``state_dict`` carry it)."""
+
+    def __init__(self, event_shape):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(event_shape))
+        self.register_buffer("scale", torch.ones(event_shape))
+
+    def forward(self):
+        return dist.Normal(self.loc, self.scale).to_event(self.loc.dim())
+
+
+class StandardUniform(StandardNormal):
+    """The base of flows whose first layer is defined on the unit interval: a standard
+    uniform over ``event_shape`` (buffers ``loc`` = 0, ``scale`` = 1)."""
+
+    def forward(self):
+        return dist.Uniform(self.loc, self.loc + self.scale).to_event(self.loc.dim())
+
+
+class FixedBase(nn.Module):
+    """A fixed Pyro distribution given as the base (not moved by ``.to``)."""
+
+    def __init__(self, distribution):
+        super().__init__()
+        self.distribution = distribution
+
+    def forward(self):
+        return self.distribution
+
+
+def _is_unit_interval(c) -> bool:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return isinstance(c, constraints._Interval) and c.lower_bound == 0.0 and c.upper_bound == 1.0
+
+
+def _default_base(first_layer, event_shape) -> nn.Module:
+    unit = _is_unit_interval(getattr(first_layer, "domain", constraints.real_vector))
+    return (StandardUniform if unit else StandardNormal)(event_shape)
 
 
 class Flow(nn.Module):
@@ -36,101 +72,92 @@ class Flow(nn.Module):
         \log p(x) = \log p_0(z) - \sum_k \log\left|\det \frac{\partial f_k}{\partial z_{k-1}}\right|
 
     Args:
-        transforms: a layer or a list of layers (``Bijector`` /
-            ``ConditionalBijector`` or any Pyro ``Transform``), in the
-            generative order: ``transforms[0]`` is applied to the base sample.
-        base: ``None`` for the default base, a standard normal over the event
-            shape (or a standard uniform when the first layer's domain is the
-            unit interval), held as buffers so ``.to(device)`` and
-            ``state_dict`` carry it; or an ``nn.Module`` whose call
-            ``base()`` returns a distribution (its parameters are then part of
-            the flow); or a fixed Pyro distribution.
+        transforms: a transform or a list of transforms (pyroflows layers or any
+            Pyro ``Transform`` / ``ConditionalTransform``, parameter-free ones
+            included), in the generative order: ``transforms[0]`` is applied to
+            the base sample.  They are held as one
+            :class:`~pyroflows.transforms.compose.ComposedModule`.
+        base: ``None`` for a standard normal over the event shape (a standard
+            uniform when the first layer's domain is the unit interval), held as
+            buffers; an ``nn.Module`` whose call ``base()`` returns a
+            distribution (its parameters are then part of the flow); or a fixed
+            Pyro distribution.
         event_shape: the shape of one sample; inferred from the layers when
             they carry it (every pyroflows helper sets it).
 
     ``flow()`` returns the distribution, ``flow(context)`` the distribution
     conditioned on ``context`` (of shape ``(..., context_dim)``, which sets the
-    batch shape).  ``log_prob``, ``sample`` and ``rsample`` are shortcuts.
+    batch shape), ``flow(context, base=q0)`` the same layers over a base
+    distribution given for this call.  ``transform(context)`` is the composed
+    transform; ``log_prob``, ``sample`` and ``rsample`` go through it.
     """
 
     def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None):
         super().__init__()
-        if isinstance(transforms, (nn.Module, torch.distributions.Transform)) and not isinstance(
-            transforms, nn.ModuleList
-        ):
+        if isinstance(transforms, Flow):
+            transforms, base = transforms.transforms, transforms.base if base is None else base
+        elif not isinstance(transforms, (list, tuple, nn.ModuleList)):
             transforms = [transforms]
-        transforms = list(transforms)
         if not transforms:
             raise ValueError("Flow needs at least one transform")
-        self.transforms = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
-        self._all_transforms = transforms  # keeps parameter-free Pyro transforms too
+        self.layers = ComposedModule(transforms)
         if event_shape is None:
-            event_shape = _event_shape_of(transforms)
+            event_shape = self.layers.event_shape
         if event_shape is None and isinstance(base, torch.distributions.Distribution):
             event_shape = base.event_shape
         if event_shape is None:
             raise ValueError("cannot infer the event shape: pass event_shape= or a base distribution")
         self.event_shape = torch.Size(event_shape)
-        self.is_conditional = any(isinstance(t, ConditionalTransform) for t in transforms)
-        self.context_dim = next(
-            (t.context_dim for t in transforms if getattr(t, "context_dim", None) is not None), None
-        )
-
-        # log_prob may bypass Pyro's TransformedDistribution (same math, no per-transform
-        # bookkeeping) when every layer is a pyroflows Bijector on the flow's own event shape
-        n_event = len(self.event_shape)
-        self._direct = all(
-            isinstance(t, Bijector) and t.domain.event_dim == n_event and t.codomain.event_dim == n_event
-            for t in transforms
-        )
-
-        self._base_kind = "module" if isinstance(base, nn.Module) else "fixed"
         if base is None:
-            first_domain = getattr(transforms[0], "domain", constraints.real_vector)
-            unit = _is_unit_interval(first_domain)
-            self._base_kind = "uniform" if unit else "normal"
-            self.register_buffer("base_loc", torch.zeros(self.event_shape))
-            self.register_buffer("base_scale", torch.ones(self.event_shape))
-        elif isinstance(base, nn.Module):
-            self.base = base
+            base = _default_base(self.transforms[0], self.event_shape)
         elif isinstance(base, torch.distributions.Distribution):
-            self._fixed_base = base
-        else:
+            base = FixedBase(base)
+        elif not isinstance(base, nn.Module):
             raise TypeError(f"base must be None, an nn.Module or a Distribution, got {type(base).__name__}")
+        self.base = base
+
+    @property
+    def transforms(self) -> list:
+        """Every transform of the flow, in the generative order."""
+        return self.layers.parts
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.layers.is_conditional
+
+    @property
+    def context_dim(self) -> int | None:
+        return self.layers.context_dim
 
     # ------------------------------------------------------------------
     def base_distribution(self, batch_shape=()):
         """The base density :math:`p_0`, expanded to ``batch_shape``."""
-        n = len(self.event_shape)
-        if self._base_kind == "normal":
-            d = dist.Normal(self.base_loc, self.base_scale).to_event(n)
-        elif self._base_kind == "uniform":
-            d = dist.Uniform(self.base_loc, self.base_loc + self.base_scale).to_event(n)
-        elif self._base_kind == "module":
-            d = self.base()
-        else:
-            d = self._fixed_base
+        d = self.base()
         if batch_shape and d.batch_shape != batch_shape:
             d = d.expand(torch.Size(batch_shape))
         return d
 
-    def forward(self, context: torch.Tensor | None = None):
-        """The flow's distribution, conditioned on ``context`` if given."""
+    def transform(self, context: torch.Tensor | None = None):
+        """The composed transform base -> data (bound to ``context`` for a conditional flow):
+        a Pyro ``Transform`` whose ``call_and_ladj`` / ``inverse_and_ladj`` run every layer."""
         if self.is_conditional:
             if context is None:
                 raise ValueError(
-                    f"this flow is conditional: call it with a context of shape (..., {self.context_dim})"
-                )
-            context = self._check_context(context)
-            transforms = [t.condition(context) if isinstance(t, ConditionalTransform) else t
-                          for t in self._all_transforms]
-            base = self.base_distribution(context.shape[:-1])
-        else:
-            if context is not None:
-                raise ValueError("this flow is not conditional: call it without a context")
-            transforms = self._all_transforms
-            base = self.base_distribution()
-        return dist.TransformedDistribution(base, transforms)
+                    f"this flow is conditional: call it with a context of shape (..., {self.context_dim})")
+            return self.layers.condition(self._check_context(context))
+        if context is not None:
+            raise ValueError("this flow is not conditional: call it without a context")
+        return self.layers
+
+    def _base_for(self, context, base):
+        if base is not None:
+            return base
+        return self.base_distribution(context.shape[:-1] if context is not None else ())
+
+    def forward(self, context: torch.Tensor | None = None, *, base=None):
+        """The flow's distribution, conditioned on ``context`` if given, over ``base`` if given."""
+        transform = self.transform(context)
+        return dist.TransformedDistribution(self._base_for(context, base), [transform])
 
     def _check_context(self, context):
         if not isinstance(context, torch.Tensor):
@@ -159,53 +186,34 @@ class Flow(nn.Module):
                             f"use flow.to({x.dtype}) or x.to({ref.dtype})")
         return x
 
-    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """:math:`\\log p(x)` (per row: the batch shape of ``x``)."""
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None, *, base=None,
+                 cache: bool = True) -> torch.Tensor:
+        """:math:`\\log p(x)` (per row: the batch shape of ``x``).  The flow's own samples
+        are scored from the cached passes; ``cache=False`` recomputes every layer."""
         self.check_input(x)
-        if context is not None or not self._direct:
-            return self(context).log_prob(x)
-        return self._direct_log_prob(x)
+        transform = self.transform(context)
+        if dist.is_validation_enabled() and not bool(transform.codomain.check(x).all()):
+            raise ValueError(f"Expected value argument ({type(x).__name__} of shape {tuple(x.shape)}) "
+                             f"to be within the support ({transform.codomain!r}) of the flow, but found "
+                             f"invalid values")
+        z, ladj = transform.inverse_and_ladj(x, cache=cache)
+        p0 = self._base_for(context, base)
+        n = max(len(p0.event_shape), transform.codomain.event_dim)
+        return _sum_rightmost(p0.log_prob(z), n - len(p0.event_shape)) - _sum_rightmost(
+            ladj, n - transform.codomain.event_dim)
 
-    def _direct_log_prob(self, x, use_cache: bool = True):
-        """``TransformedDistribution.log_prob`` without its per-transform overhead: one
-        ``inverse`` per layer (or the layer's cached pass, as Pyro's path would use it;
-        ``use_cache=False`` always recomputes, e.g. under swapped-in parameters)."""
-        base = self.base_distribution()
-        if base.event_shape != self.event_shape:
-            return self().log_prob(x)
-        if torch.distributions.Distribution._validate_args:
-            support = self._all_transforms[-1].codomain
-            if not bool(support.check(x).all()):
-                raise ValueError(f"Expected value argument ({type(x).__name__} of shape {tuple(x.shape)}) "
-                                 f"to be within the support ({support!r}) of the flow, but found invalid values")
-        ladj = 0.0
-        y = x
-        for t in reversed(self._all_transforms):
-            # the flow's own sample reuses its pass (free log_prob for IAF)
-            y, l_ = t.inverse_and_ladj(y) if use_cache else t._inverse_pass(y)
-            ladj = ladj + l_
-        return base.log_prob(y) - ladj
+    def rsample(self, sample_shape=(), context: torch.Tensor | None = None, *, base=None) -> torch.Tensor:
+        """Draw reparametrised samples (differentiable in the parameters)."""
+        p0 = self._base_for(context, base)
+        z = p0.rsample(torch.Size(sample_shape)) if p0.has_rsample else p0.sample(torch.Size(sample_shape))
+        return self.transform(context).call_and_ladj(z)[0]
 
-    def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, sample_shape=(), context: torch.Tensor | None = None, *, base=None) -> torch.Tensor:
         """Draw samples without gradients."""
         with torch.no_grad():
-            if context is not None or not self._direct:
-                return self(context).sample(torch.Size(sample_shape))
-            # TransformedDistribution.sample without its overhead: same draws, same cached passes
-            x = self.base_distribution().sample(torch.Size(sample_shape))
-            for t in self._all_transforms:
-                x, _ = t.call_and_ladj(x)
-            return x
-
-    def rsample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw reparametrised samples (differentiable in the parameters)."""
-        return self(context).rsample(torch.Size(sample_shape))
+            return self.rsample(sample_shape, context, base=base)
 
     def extra_repr(self):
-        return f"event_shape={tuple(self.event_shape)}, base={self._base_kind}"
+        return f"event_shape={tuple(self.event_shape)}"
 
 
-def _is_unit_interval(c) -> bool:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return isinstance(c, constraints._Interval) and c.lower_bound == 0.0 and c.upper_bound == 1.0

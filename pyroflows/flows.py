@@ -4,7 +4,8 @@
 (the flow is then called as ``flow(context)``).
 
 Coupling architectures alternate which half is transformed (free) and put a
-fixed random permutation between consecutive layers when ``input_dim > 2``
+fresh random permutation (from torch's generator: ``pyro.set_rng_seed``
+reproduces it) between consecutive layers when ``input_dim > 2``
 (``mixing="permute"``, free) so every pair of dimensions eventually
 interacts; ``mixing="lu"`` puts a learned LU linear layer there instead (Glow's
 generalised permutation, Kingma & Dhariwal 2018; one D x D matmul, and a
@@ -26,7 +27,7 @@ from .transforms.autoregressive import (
     InverseAutoregressive,
     MaskedAutoregressive,
 )
-from .transforms.coupling import DEFAULT_SPLINE, build_coupling
+from .transforms.coupling import DEFAULT_SPLINE, build_coupling, half_mask
 from .transforms.elementwise import check_input_dim, elementwise
 from .transforms.linear import lu
 from .transforms.permutation import permute
@@ -48,7 +49,7 @@ def _check(input_dim, num_layers):
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
 
 
-def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing, final=None):
+def _coupling_flow(input_dim, kind, num_layers, hidden_dims, context_dim, count_bins, bound, mixing, final=None):
     _check(input_dim, num_layers)
     if input_dim < 2:
         raise ValueError(f"coupling flows need input_dim >= 2, got {input_dim}; use maf/iaf or an elementwise flow")
@@ -57,32 +58,33 @@ def _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound
     layers = []
     for i in range(num_layers):
         if i > 0 and mixing == "permute" and input_dim > 2:
-            layers.append(permute(input_dim, seed=i))
+            layers.append(permute(input_dim))
         elif i > 0 and mixing == "lu":
-            layers.append(lu(input_dim, seed=i))
-        layers.append(build_coupling(input_dim, kind, bins, bound, hidden, i % 2, None, context_dim))
+            layers.append(lu(input_dim))
+        layers.append(build_coupling(input_dim, kind, count_bins, bound, hidden_dims, half_mask(input_dim, i % 2 == 1),
+                                     context_dim))
     if final is not None:
         layers.append(final)
     return Flow(layers)
 
 
-def nice(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
+def nice(input_dim: int, *, num_layers: int = 4, hidden_dims: Sequence[int] = (64, 64),
          context_dim: int | None = None, mixing: str = "permute") -> Flow:
     """NICE (Dinh et al., 2015): additive (volume-preserving) couplings followed by a
     learned diagonal scaling; both directions one pass per layer."""
-    return _coupling_flow(input_dim, "additive", num_layers, hidden, context_dim, 8, 5.0, mixing,
-                          final=elementwise(input_dim, "affine"))
+    return _coupling_flow(input_dim, "additive", num_layers, hidden_dims, context_dim, 8, 5.0, mixing,
+                          final=elementwise(input_dim, kind="affine"))
 
 
-def realnvp(input_dim: int, *, num_layers: int = 6, hidden: Sequence[int] = (64, 64),
+def realnvp(input_dim: int, *, num_layers: int = 6, hidden_dims: Sequence[int] = (64, 64),
             context_dim: int | None = None, mixing: str = "permute") -> Flow:
     """RealNVP (Dinh et al., 2017): affine couplings (softly clamped log-scales);
     both directions one pass per layer."""
-    return _coupling_flow(input_dim, "affine", num_layers, hidden, context_dim, 8, 5.0, mixing)
+    return _coupling_flow(input_dim, "affine", num_layers, hidden_dims, context_dim, 8, 5.0, mixing)
 
 
-def nsf(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64),
-        context_dim: int | None = None, bins: int = 8, bound: float = 5.0,
+def nsf(input_dim: int, *, num_layers: int = 4, hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int | None = None, count_bins: int = 8, bound: float = 5.0,
         kind: str | Transformer = DEFAULT_SPLINE, autoregressive: bool = False,
         mixing: str = "permute", direction: str = "normalizing") -> Flow:
     """Neural spline flow (Durkan et al., 2019): spline couplings (both directions one
@@ -97,41 +99,42 @@ def nsf(input_dim: int, *, num_layers: int = 4, hidden: Sequence[int] = (64, 64)
     if direction not in ("normalizing", "generative"):
         raise ValueError(f"direction must be 'normalizing' or 'generative', got {direction!r}")
     if direction == "normalizing":
-        kind = Inverted(make_transformer(kind, bins, bound))
+        kind = Inverted(make_transformer(kind, count_bins, bound))
     if autoregressive or input_dim == 1:
         return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
-                                    num_layers, hidden, context_dim, bins, bound)
-    return _coupling_flow(input_dim, kind, num_layers, hidden, context_dim, bins, bound, mixing)
+                                    num_layers, hidden_dims, context_dim, count_bins, bound)
+    return _coupling_flow(input_dim, kind, num_layers, hidden_dims, context_dim, count_bins, bound, mixing)
 
 
-def _autoregressive_flow(cls, conditional_cls, input_dim, kind, num_layers, hidden, context_dim, bins, bound):
+def _autoregressive_flow(cls, conditional_cls, input_dim, kind, num_layers, hidden_dims, context_dim, count_bins,
+                         bound):
     _check(input_dim, num_layers)
     layers = []
     for i in range(num_layers):
-        transformer = make_transformer(kind, bins, bound)
-        made = MADE(input_dim, transformer.num_params, hidden, context_dim=context_dim,
-                    order="natural" if i % 2 == 0 else "reverse")
+        transformer = make_transformer(kind, count_bins, bound)
+        made = MADE(input_dim, transformer.num_params, hidden_dims, context_dim=context_dim,
+                    permutation="natural" if i % 2 == 0 else "reverse")
         layers.append(cls(transformer, made) if context_dim is None else conditional_cls(transformer, made))
     return Flow(layers)
 
 
-def maf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
-        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+def maf(input_dim: int, *, num_layers: int = 5, hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", count_bins: int = 8,
         bound: float = 5.0) -> Flow:
     """Masked autoregressive flow (Papamakarios et al., 2017): ``log_prob`` is one MADE
     pass per layer, sampling is sequential (``input_dim`` passes per layer)."""
     return _autoregressive_flow(MaskedAutoregressive, ConditionalMaskedAutoregressive, input_dim, kind,
-                                num_layers, hidden, context_dim, bins, bound)
+                                num_layers, hidden_dims, context_dim, count_bins, bound)
 
 
-def iaf(input_dim: int, *, num_layers: int = 5, hidden: Sequence[int] = (64, 64),
-        context_dim: int | None = None, kind: str | Transformer = "affine", bins: int = 8,
+def iaf(input_dim: int, *, num_layers: int = 5, hidden_dims: Sequence[int] = (64, 64),
+        context_dim: int | None = None, kind: str | Transformer = "affine", count_bins: int = 8,
         bound: float = 5.0) -> Flow:
     """Inverse autoregressive flow (Kingma et al., 2016): sampling (and ``log_prob`` of
     its own samples) is one MADE pass per layer; scoring new data is sequential.
     The natural choice for variational posteriors (SVI guides)."""
     return _autoregressive_flow(InverseAutoregressive, ConditionalInverseAutoregressive, input_dim, kind,
-                                num_layers, hidden, context_dim, bins, bound)
+                                num_layers, hidden_dims, context_dim, count_bins, bound)
 
 
 # ----------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def _no_context(name, context_dim):
         raise ValueError(f"{name} has no conditional version (context_dim must be None)")
 
 
-def iresnet(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64), coeff: float = 0.9,
+def iresnet(input_dim: int, *, num_blocks: int = 4, hidden_dims: Sequence[int] = (64, 64), coeff: float = 0.9,
             log_det: str = "series", n_terms: int = 5, context_dim: int | None = None, **kw) -> Flow:
     r"""i-ResNet (Behrmann et al. 2019): ``num_blocks`` :class:`InvertibleResidual` blocks
     with the truncated power-series log-det (biased; pass ``log_det="exact"`` in
@@ -154,11 +157,11 @@ def iresnet(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64
     block); sampling solves a fixed point per block."""
     _no_context("iresnet", context_dim)
     kw.setdefault("cheap", "inverse")
-    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det, n_terms=n_terms, **kw)
+    return Flow([_InvertibleResidual(input_dim, hidden_dims, coeff, log_det, n_terms=n_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def residual_flow(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (64, 64),
+def residual_flow(input_dim: int, *, num_blocks: int = 4, hidden_dims: Sequence[int] = (64, 64),
                   coeff: float = 0.98, log_det: str = "roulette", n_exact_terms: int = 2,
                   context_dim: int | None = None, **kw) -> Flow:
     r"""Residual Flow (Chen et al. 2019): :class:`InvertibleResidual` blocks with LipSwish,
@@ -166,26 +169,26 @@ def residual_flow(input_dim: int, num_blocks: int = 4, hidden: Sequence[int] = (
     Scoring is the cheap direction; sampling solves a fixed point per block."""
     _no_context("residual_flow", context_dim)
     kw.setdefault("cheap", "inverse")
-    return Flow([_InvertibleResidual(input_dim, hidden, coeff, log_det,
+    return Flow([_InvertibleResidual(input_dim, hidden_dims, coeff, log_det,
                                                n_exact_terms=n_exact_terms, **kw)
                   for _ in range(num_blocks)])
 
 
-def planar(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
+def planar(input_dim: int, *, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of planar layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
         return Flow([_Planar(input_dim, **kw) for _ in range(num_layers)])
     return Flow([_ConditionalPlanar(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
-def radial(input_dim: int, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
+def radial(input_dim: int, *, num_layers: int = 8, context_dim: int | None = None, **kw) -> Flow:
     """A stack of radial layers (Rezende & Mohamed 2015); conditional with ``context_dim``."""
     if context_dim is None:
         return Flow([_Radial(input_dim, **kw) for _ in range(num_layers)])
     return Flow([_ConditionalRadial(input_dim, context_dim, **kw) for _ in range(num_layers)])
 
 
-def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
+def sylvester(input_dim: int, *, num_layers: int = 4, variant: str = "orthogonal",
               num_vectors: int | None = None, context_dim: int | None = None, **kw) -> Flow:
     """A stack of Sylvester layers (van den Berg et al. 2018); the triangular variant
     alternates the identity and the reversal permutation.  Conditional with ``context_dim``."""

@@ -124,7 +124,7 @@ def flow_layers_2d(flow, bounds=(-4, 4, -4, 4), grid: int = 120, max_panels: int
                          f"{tuple(getattr(flow, 'event_shape', ()))}")
     if getattr(flow, "is_conditional", False):
         raise ValueError("flow_layers_2d needs an unconditional flow")
-    layers = list(flow().transforms)
+    layers = list(flow.transforms)
     steps = sorted({round(i) for i in torch.linspace(0, len(layers), min(max_panels, len(layers) + 1)).tolist()})
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.8), squeeze=False)
     base = flow.base_distribution()

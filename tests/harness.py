@@ -9,6 +9,11 @@ exceptions.  The rules that decide how a helper is called are generic:
 * a helper named ``conditional_*`` also gets ``context_dim``;
 * a helper with a ``kind`` parameter is built once per transformer kind in
   ``pyroflows.transforms.transformers.KINDS``;
+* a helper without required arguments (Pyro's parameter-free ``leaky_relu()``,
+  ``elu()``) is called with none; such a layer works elementwise on any shape
+  (event shape ``()``), so it has no dimension to vary (tested as 1-D);
+* a combinator (first parameter ``repeats``: Pyro's ``iterated``) composes two
+  layers of :data:`COMBINATOR_BASE`;
 * a helper that rejects a dimension with ``ValueError`` (a coupling layer
   cannot split one dimension) is not tested in that dimension.
 """
@@ -27,6 +32,7 @@ from pyroflows.transforms.transformers import KINDS
 
 CONTEXT_DIM = 3
 IMAGE_SHAPE = (4, 4, 4)
+COMBINATOR_BASE = "planar"
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Case:
 
 
 def _first_param(fn) -> str:
-    return next(iter(inspect.signature(fn).parameters))
+    return next(iter(inspect.signature(fn).parameters), None)
 
 
 def public_helpers() -> list[str]:
@@ -91,8 +97,16 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
     if case.conditional:
         kw["context_dim"] = CONTEXT_DIM
     first = IMAGE_SHAPE if case.is_image else (dim if dim is not None else 4)
+    params = inspect.signature(fn).parameters
+    required = [p for p in params.values() if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     try:
-        layer = fn(first, **kw)
+        if not required:
+            layer = fn(**kw)
+        elif required[0].name == "repeats":
+            layer = fn(2, getattr(T, COMBINATOR_BASE), first, **kw)
+        else:
+            layer = fn(first, **kw)
     except ValueError:
         return None
     layer = layer.double()

@@ -18,7 +18,7 @@ LAYERS = {"maf": T.masked_autoregressive, "iaf": T.inverse_autoregressive}
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_sample_then_score_is_consistent(name, kind):
     """log_prob(x) = log p0(z) - log|det J| for x = f(z), scored from scratch (no cache)."""
-    layer = perturb_parameters(LAYERS[name](5, kind=kind, hidden=(16,), order="random", seed=1)).double()
+    layer = perturb_parameters(LAYERS[name](5, kind=kind, hidden_dims=(16,), permutation="random")).double()
     flow = Flow([layer]).double()
     z = torch.randn(64, 5, dtype=torch.float64)
     x, ladj = layer._call_and_ladj(z)
@@ -31,7 +31,7 @@ def test_sample_then_score_is_consistent(name, kind):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_made_passes(name):
     D = 4
-    layer = perturb_parameters(LAYERS[name](D, hidden=(8,)))
+    layer = perturb_parameters(LAYERS[name](D, hidden_dims=(8,)))
     calls = _count_calls(layer.made)
     z = torch.randn(3, D)
     x, _ = layer._call_and_ladj(z)
@@ -43,7 +43,7 @@ def test_made_passes(name):
 
 def test_iaf_log_prob_of_its_own_samples_is_free():
     D = 4
-    flow = Flow([perturb_parameters(T.inverse_autoregressive(D, hidden=(8,))) for _ in range(3)])
+    flow = Flow([perturb_parameters(T.inverse_autoregressive(D, hidden_dims=(8,))) for _ in range(3)])
     calls = [_count_calls(layer.made) for layer in flow.transforms]
     d = flow()
     x = d.rsample((10,))
@@ -61,8 +61,8 @@ def test_iaf_log_prob_of_its_own_samples_is_free():
 def test_round_trip_after_training_far_out_float32(name):
     torch.manual_seed(0)
     D = 3
-    layer = LAYERS[name](D, hidden=(16, 16))
-    flow = Flow([layer, T.reverse(D), LAYERS[name](D, hidden=(16, 16))])
+    layer = LAYERS[name](D, hidden_dims=(16, 16))
+    flow = Flow([layer, T.reverse(D), LAYERS[name](D, hidden_dims=(16, 16))])
     data = torch.randn(256, D) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]) + 1.0
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
     for _ in range(20):
@@ -83,16 +83,16 @@ def test_round_trip_after_training_far_out_float32(name):
 def test_large_inputs_give_finite_values_and_gradients(name, kind, conditional):
     if conditional:
         helper = {"maf": T.conditional_masked_autoregressive, "iaf": T.conditional_inverse_autoregressive}[name]
-        layer = perturb_parameters(helper(3, 2, kind=kind, hidden=(8,)))
+        layer = perturb_parameters(helper(3, 2, kind=kind, hidden_dims=(8,)))
     else:
-        layer = perturb_parameters(LAYERS[name](3, kind=kind, hidden=(8,)))
+        layer = perturb_parameters(LAYERS[name](3, kind=kind, hidden_dims=(8,)))
     assert_finite_both_ways(layer, [[1e3, -1e3, 1e3], [-1e3, 0.5, -0.5]], conditional)
 
 
 @pytest.mark.parametrize("name", ["maf", "iaf"])
 def test_conditional_output_depends_on_context_in_every_dimension(name):
     helper = {"maf": T.conditional_masked_autoregressive, "iaf": T.conditional_inverse_autoregressive}[name]
-    layer = perturb_parameters(helper(3, 2, hidden=(16,))).double()
+    layer = perturb_parameters(helper(3, 2, hidden_dims=(16,))).double()
     z = torch.randn(5, 3, dtype=torch.float64)
     c1, c2 = torch.randn(2, 2, dtype=torch.float64)
     y1, y2 = layer._call_and_ladj(z, c1)[0], layer._call_and_ladj(z, c2)[0]

@@ -180,3 +180,130 @@ def test_deepcopy_after_backward_drops_the_cached_pass():
     twin = copy.deepcopy(flow)
     x = torch.randn(5, 3)
     assert torch.equal(twin.log_prob(x), flow.log_prob(x))
+
+
+# --- the cache key: every way a parameter's value can change ---------------------------
+
+class Nested(Bijector):
+    """A layer whose parameters live in a submodule (as a conditioner's do)."""
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.event_shape = (dim,)
+        self.inner = nn.Linear(1, dim)  # bias used as the shift, weight as the log-scale
+        self.calls = 0
+
+    def _call_and_ladj(self, x):
+        self.calls += 1
+        s = self.inner.weight[:, 0]
+        return x * s.exp() + self.inner.bias, s.sum().expand(x.shape[:-1])
+
+    def _inverse_and_ladj(self, y):
+        self.calls += 1
+        s = self.inner.weight[:, 0]
+        return (y - self.inner.bias) * (-s).exp(), s.sum().expand(y.shape[:-1])
+
+
+def _cached_then(change, layer=None):
+    """Run a pass, ``change(layer)``, then the same pass again: returns (layer, first, second)."""
+    layer = layer or Nested()
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        first = layer(x)
+        change(layer)
+        second = layer(x)
+    return layer, first, second
+
+
+def test_data_assignment_invalidates_the_cache():
+    def change(layer):
+        layer.inner.bias.data = layer.inner.bias.data + 1.0
+    layer, first, second = _cached_then(change)
+    assert layer.calls == 2 and torch.allclose(second, first + 1.0)
+
+
+def test_repeated_data_assignment_never_reuses_a_storage_address():
+    layer = Nested()
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        for k in range(5):
+            layer.inner.bias.data = torch.full((3,), float(k))
+            y = layer(x)
+            assert torch.allclose(y, x * layer.inner.weight[:, 0].exp() + k)
+
+
+def test_replaced_parameter_object_in_a_submodule_invalidates_the_cache():
+    def change(layer):
+        layer.inner._parameters["bias"] = nn.Parameter(layer.inner.bias.detach() + 1.0)
+    layer, first, second = _cached_then(change)
+    assert layer.calls == 2 and torch.allclose(second, first + 1.0)
+
+
+def test_load_state_dict_of_a_submodule_invalidates_the_cache():
+    def change(layer):
+        layer.inner.load_state_dict({k: v + 1.0 for k, v in layer.inner.state_dict().items()})
+    layer, first, second = _cached_then(change)
+    assert layer.calls == 2
+
+
+def test_pyro_module_update_module_params_invalidates_the_cache(tmp_path):
+    import pyro
+
+    pyro.clear_param_store()
+    layer = Nested()
+    pyro.module("layer", layer)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(1.0)
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        moved = layer(x)
+        pyro.clear_param_store()
+        pyro.get_param_store().load(tmp_path / "params.pt")
+        pyro.module("layer", layer, update_module_params=True)  # replaces the Parameter objects
+        restored = layer(x)
+    assert layer.calls == 2 and not torch.allclose(moved, restored)
+    assert torch.allclose(restored, x * layer.inner.weight[:, 0].exp() + layer.inner.bias)
+
+
+# --- permutations are stored where Pyro's param store sees them -------------------------
+
+@pytest.mark.parametrize("make", ["permute", "lu"])
+def test_random_permutation_survives_state_dict_and_param_store(make, tmp_path):
+    import pyro
+
+    import pyroflows.transforms as T
+
+    pyro.set_rng_seed(0)
+    layer = getattr(T, make)(6)
+    perm = layer.permutation.clone()
+    fresh = getattr(T, make)(6)  # a different draw
+    assert not torch.equal(fresh.permutation, perm)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.permutation, perm)
+
+    pyro.clear_param_store()
+    pyro.module("layer", layer)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    other = getattr(T, make)(6)
+    assert not torch.equal(other.permutation, perm)
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    pyro.module("layer", other, update_module_params=True)
+    assert torch.equal(other.permutation, perm)
+    x = torch.randn(4, 6)
+    assert torch.allclose(other(x), layer(x))
+
+
+def test_stored_permutation_is_never_trained():
+    import pyroflows.transforms as T
+
+    layer = T.permute(5)
+    perm = layer.permutation.clone()
+    key = layer.stored.key
+    opt = torch.optim.Adam(layer.parameters(), lr=1.0)
+    x = torch.randn(4, 5, requires_grad=True)
+    layer(x).square().sum().backward()
+    opt.step()
+    assert key.grad is None and torch.equal(layer.permutation, perm)

@@ -29,16 +29,16 @@ def _perturbed(layer):
 
 CASES = {
     # name: (builder, directions to compile, context_dim)
-    "affine_coupling": (lambda: T.affine_coupling(4, hidden=(8,)), ("forward", "inverse"), None),
+    "affine_coupling": (lambda: T.affine_coupling(4, hidden_dims=(8,)), ("forward", "inverse"), None),
     "conditional_spline_coupling_any_mask": (
-        lambda: T.conditional_spline_coupling(4, 2, kind="piecewise_linear", hidden=(8,),
+        lambda: T.conditional_spline_coupling(4, 2, kind="piecewise_linear", hidden_dims=(8,),
                                               mask=[True, False, True, False]), ("inverse",), 2),
-    "maf": (lambda: T.masked_autoregressive(3, hidden=(8,)), ("forward", "inverse"), None),
-    "conditional_iaf": (lambda: T.conditional_inverse_autoregressive(3, 2, kind="piecewise_linear", hidden=(8,)),
+    "maf": (lambda: T.masked_autoregressive(3, hidden_dims=(8,)), ("forward", "inverse"), None),
+    "conditional_iaf": (lambda: T.conditional_inverse_autoregressive(3, 2, kind="piecewise_linear", hidden_dims=(8,)),
                         ("inverse",), 2),
-    "iaf": (lambda: T.inverse_autoregressive(3, hidden=(8,)), ("forward",), None),
-    "conditional_maf": (lambda: T.conditional_masked_autoregressive(3, 2, hidden=(8,)), ("forward",), 2),
-    "permute": (lambda: T.permute(4, seed=1), ("inverse",), None),
+    "iaf": (lambda: T.inverse_autoregressive(3, hidden_dims=(8,)), ("forward",), None),
+    "conditional_maf": (lambda: T.conditional_masked_autoregressive(3, 2, hidden_dims=(8,)), ("forward",), 2),
+    "permute": (lambda: T.permute(4, permutation=[2, 0, 3, 1]), ("inverse",), None),
 }
 
 

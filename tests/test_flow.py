@@ -15,7 +15,7 @@ from pyroflows import Flow
 
 def _flow(dim=2):
     torch.manual_seed(0)
-    flow = Flow([T.elementwise(dim, kind="affine"), T.leaky_relu(dim), T.elementwise(dim, kind="affine")])
+    flow = Flow([T.elementwise(dim, kind="affine"), T.leaky_relu(), T.elementwise(dim, kind="affine")])
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -35,7 +35,7 @@ def test_flow_returns_a_pyro_transformed_distribution():
 def test_base_is_held_as_buffers_and_moves_with_dtype():
     flow = _flow().to(torch.float64)
     names = dict(flow.named_buffers())
-    assert {"base_loc", "base_scale"} <= set(names)
+    assert {"base.loc", "base.scale"} <= set(names)
     x = torch.randn(4, 2, dtype=torch.float64)
     assert flow.log_prob(x).dtype == torch.float64
     assert flow.sample((3,)).dtype == torch.float64
@@ -47,7 +47,7 @@ def test_state_dict_round_trip_gives_identical_log_prob():
     buf = io.BytesIO()
     torch.save(flow.state_dict(), buf)
     buf.seek(0)
-    fresh = Flow([T.elementwise(2, kind="affine"), T.leaky_relu(2), T.elementwise(2, kind="affine")])
+    fresh = Flow([T.elementwise(2, kind="affine"), T.leaky_relu(), T.elementwise(2, kind="affine")])
     assert not torch.equal(fresh.log_prob(x), flow.log_prob(x))
     fresh.load_state_dict(torch.load(buf))
     assert torch.equal(fresh.log_prob(x), flow.log_prob(x))
@@ -95,3 +95,98 @@ def test_rsample_is_differentiable_and_sample_is_not():
     flow = _flow()
     assert flow.rsample((4,)).requires_grad
     assert not flow.sample((4,)).requires_grad
+
+
+@pytest.mark.parametrize("name", ["iaf", "nsf"])
+def test_jit_trace_elbo_with_a_flow_guide_runs_without_warnings(name):
+    """A flow guide under JitTrace_ELBO: no TracerWarning (or any other) from pyroflows."""
+    import warnings
+
+    import pyro
+    from pyro.infer import SVI, JitTrace_ELBO
+
+    from pyroflows import flows
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    data = torch.randn(20, 2) + 1.0
+    flow = getattr(flows, name)(2, num_layers=2, hidden_dims=(8,))
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Normal(z, torch.ones(2)).to_event(1), obs=data)
+
+    def guide(data):
+        pyro.module("flow", flow)
+        pyro.sample("z", flow())
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # torch itself deprecates torch.jit.trace, which Pyro's JIT ELBOs call: not ours
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated", category=DeprecationWarning)
+        losses = [svi.step(data) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_import_pyroflows_loads_train_and_data_but_not_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, pyroflows; assert callable(pyroflows.train.fit); assert pyroflows.data is not None; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- one route: the composed transform -------------------------------------------------
+
+def test_flow_keeps_every_transform_and_is_usable_as_a_pyro_transform():
+    from torch.distributions.transforms import ExpTransform
+
+    torch.manual_seed(0)
+    exp = ExpTransform()
+    flow = Flow([T.elementwise(2, kind="affine"), exp])
+    assert flow.transforms[1] is exp and len(flow.transforms) == 2
+    x = flow.sample((4,))
+    assert (x > 0).all()  # the parameter-free ExpTransform ran
+    base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    d = dist.TransformedDistribution(base, [flow.transform()])
+    assert torch.allclose(d.log_prob(x), flow.log_prob(x))
+    assert torch.allclose(flow().log_prob(x), flow.log_prob(x))
+    assert torch.allclose(flow.log_prob(x, cache=False), flow.log_prob(x))
+    # a flow's composed transform composes again
+    from pyroflows import flows
+
+    d2 = dist.TransformedDistribution(base, [flows.nsf(2, num_layers=1, hidden_dims=(8,)).transform(),
+                                             flow.transform()])
+    assert d2.rsample((3,)).shape == (3, 2)
+
+
+def test_conditional_flow_routes_and_per_call_base():
+    from pyroflows import flows
+
+    torch.manual_seed(0)
+    flow = flows.realnvp(2, num_layers=2, hidden_dims=(8,), context_dim=3)
+    c = torch.randn(5, 3)
+    x = flow.sample((), c)
+    assert x.shape == (5, 2)
+    lp = flow.log_prob(x, c)
+    assert torch.allclose(lp, flow(c).log_prob(x), atol=1e-6)
+    assert torch.allclose(lp, dist.TransformedDistribution(flow.base_distribution((5,)), [flow.transform(c)])
+                          .log_prob(x), atol=1e-6)
+    # flow(context, base=q0): the same layers over a base given for this call
+    q0 = dist.Normal(torch.ones(5, 2), 0.5 * torch.ones(5, 2)).to_event(1)
+    d = flow(c, base=q0)
+    z, ladj = flow.transform(c).inverse_and_ladj(x, cache=False)
+    assert torch.allclose(d.log_prob(x), q0.log_prob(z) - ladj, atol=1e-6)
+    assert torch.allclose(flow.log_prob(x, c, base=q0), d.log_prob(x), atol=1e-6)
+
+
+def test_base_is_a_module_and_a_fixed_distribution_is_accepted():
+    from pyroflows.flow import StandardNormal
+
+    assert isinstance(_flow().base, StandardNormal)
+    fixed = dist.Normal(torch.ones(2), torch.ones(2)).to_event(1)
+    flow = Flow([T.elementwise(2, kind="affine")], base=fixed)
+    assert isinstance(flow.base, torch.nn.Module) and flow.base_distribution() is fixed

@@ -28,7 +28,7 @@ def _toy(n=256, dim=3, seed=0):
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_builds_trains_and_scores(name):
     torch.manual_seed(0)
-    flow = ARCHS[name](3, num_layers=2, hidden=(16, 16))
+    flow = ARCHS[name](3, num_layers=2, hidden_dims=(16, 16))
     assert isinstance(flow, pyroflows.Flow)
     data = _toy()
     opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
@@ -50,7 +50,7 @@ def test_builds_trains_and_scores(name):
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_conditional_variant_depends_on_context(name):
     torch.manual_seed(0)
-    flow = ARCHS[name](3, num_layers=2, hidden=(16,), context_dim=2)
+    flow = ARCHS[name](3, num_layers=2, hidden_dims=(16,), context_dim=2)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))

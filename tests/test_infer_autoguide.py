@@ -15,7 +15,7 @@ from pyroflows.transforms import elementwise, leaky_relu
 
 def small_flow(dim):
     """A tiny flow from existing layers (the named architectures live in pyroflows.flows)."""
-    return [elementwise(dim, "affine"), leaky_relu(dim, negative_slope=1.0), elementwise(dim, "affine")]
+    return [elementwise(dim, kind="affine"), leaky_relu(negative_slope=1.0), elementwise(dim, kind="affine")]
 
 
 DATA = torch.tensor([0.3, 1.1, -0.4, 0.8, 2.0])
@@ -175,7 +175,7 @@ def test_diagnostics_kwargs_and_chunking_shape():
 @pytest.mark.parametrize("flow", [None, "maf", "iaf", "realnvp"])
 def test_named_flows_train_a_few_svi_steps(flow):
     """AutoFlow(model) (default "nsf") and the other named architectures train under SVI."""
-    kw = {"hidden": (8, 8), "num_layers": 2}
+    kw = {"hidden_dims": (8, 8), "num_layers": 2}
     guide = AutoFlow(model, **kw) if flow is None else AutoFlow(model, flow, **kw)
     guide()
     before = {n: p.detach().clone() for n, p in guide.flow.named_parameters()}

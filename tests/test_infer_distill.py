@@ -11,7 +11,7 @@ from pyroflows.transforms import elementwise
 
 
 def gauss_flow(dim=2):
-    return pyroflows.Flow([elementwise(dim, "affine")])
+    return pyroflows.Flow([elementwise(dim, kind="affine")])
 
 
 def shifted_gaussian(x):
@@ -105,10 +105,10 @@ def test_distill_flow_maf_teacher_iaf_student():
     from pyroflows.train import fit
 
     torch.manual_seed(0)
-    teacher = flows.maf(2, num_layers=2, hidden=(16, 16))
+    teacher = flows.maf(2, num_layers=2, hidden_dims=(16, 16))
     data = torch.randn(512, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -1.0])
     fit(teacher, data, epochs=20, batch_size=128, lr=1e-2, progress=False, seed=0)
-    student = flows.iaf(2, num_layers=2, hidden=(16, 16))
+    student = flows.iaf(2, num_layers=2, hidden_dims=(16, 16))
 
     def kl():  # KL(student || teacher), Monte Carlo
         with torch.no_grad():
@@ -174,7 +174,7 @@ def test_distill_flow_warm_start_lowers_kl_and_checks_its_inputs():
     kls = {}
     for n in (0, 1000):
         torch.manual_seed(0)
-        student = flows.iaf(2, num_layers=1, hidden=(8,))
+        student = flows.iaf(2, num_layers=1, hidden_dims=(8,))
         res = distill_flow(teacher, student, num_steps=0, warm_start_samples=n, warm_start_epochs=10,
                            num_samples=64, lr=3e-2, num_eval_samples=1000, progress=False)
         kls[n] = -res.elbo

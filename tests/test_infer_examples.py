@@ -20,7 +20,7 @@ import logistic_regression
 
 
 def tiny(dim):
-    return [elementwise(dim, "affine")]
+    return [elementwise(dim, kind="affine")]
 
 
 @pytest.mark.parametrize("name", ["funnel", "eight_schools", "logistic_regression"])

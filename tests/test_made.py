@@ -21,7 +21,7 @@ def _perturbed(made, scale=0.5):
 @pytest.mark.parametrize("order", [None, "reverse", "random", [3, 1, 5, 2, 4]])
 def test_jacobian_is_strictly_triangular_in_the_ordering(order):
     D, P = 5, 3
-    made = _perturbed(MADE(D, P, hidden=(16, 16), order=order, seed=3))
+    made = _perturbed(MADE(D, P, hidden=(16, 16), permutation=order, seed=3))
     x = torch.randn(D, dtype=torch.float64)
     J = jacobian(lambda v: made(v), x)  # (D, P, D)
     deg = made.degrees
@@ -71,8 +71,8 @@ def test_random_order_is_seeded():
 
 @pytest.mark.parametrize("order", ["sideways", [1, 1, 2], [0, 1, 2], [1, 2]])
 def test_bad_order_raises(order):
-    with pytest.raises(ValueError, match="order"):
-        MADE(3, 2, order=order)
+    with pytest.raises(ValueError, match="permutation"):
+        MADE(3, 2, permutation=order)
 
 
 def test_one_dimension_gives_constant_outputs():

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("default_float64")
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_memory_saving_gradients_equal_ordinary_backprop(direction):
     torch.manual_seed(0)
-    layer = ReversibleResidual(5, num_blocks=4, hidden=(16,))
+    layer = ReversibleResidual(5, num_blocks=4, hidden_dims=(16,))
     perturb_parameters(layer, 0.3)
     x = torch.randn(32, 5)
 
@@ -44,7 +44,7 @@ def test_memory_saving_stores_no_activations_inside_the_stack():
     (The backward pass then holds one block's recomputed graph at a time.)"""
     def saved_bytes(depth, memory_saving):
         torch.manual_seed(0)
-        layer = ReversibleResidual(8, num_blocks=depth, hidden=(32,), memory_saving=memory_saving)
+        layer = ReversibleResidual(8, num_blocks=depth, hidden_dims=(32,), memory_saving=memory_saving)
         params = {p.data_ptr() for p in layer.parameters()}
         seen = {}
 
@@ -132,7 +132,7 @@ def test_fixed_point_failure_reports_the_residual(cheap):
 @pytest.mark.parametrize("cheap", ["forward", "inverse"])
 def test_fixed_point_inverse_and_its_gradient(cheap):
     torch.manual_seed(0)
-    layer = InvertibleResidual(3, hidden=(8,), coeff=0.9, cheap=cheap)
+    layer = InvertibleResidual(3, hidden_dims=(8,), coeff=0.9, cheap=cheap)
     perturb_parameters(layer, 0.5)
     solve = layer._inverse_and_ladj if cheap == "forward" else layer._call_and_ladj
     explicit = layer._call_and_ladj if cheap == "forward" else layer._inverse_and_ladj
@@ -163,7 +163,7 @@ def test_fixed_point_inverse_and_its_gradient(cheap):
 def _linear_case(seed=1, coeff=0.9):
     """g(x) = W x + b with ||W|| = coeff: the series terms tr(W^k) are known exactly."""
     torch.manual_seed(seed)
-    layer = InvertibleResidual(4, hidden=(), coeff=coeff, cheap="forward", log_det="exact")
+    layer = InvertibleResidual(4, hidden_dims=(), coeff=coeff, cheap="forward", log_det="exact")
     W = layer.g[0].normalized_weight().detach()
     exact = torch.linalg.slogdet(torch.eye(4) + W)[1]
     return layer, W, exact
@@ -231,7 +231,7 @@ def test_neumann_gradient_is_unbiased(seed):
 
 def test_series_gradient_flows():
     torch.manual_seed(0)
-    layer = InvertibleResidual(4, hidden=(8,), log_det="series")
+    layer = InvertibleResidual(4, hidden_dims=(8,), log_det="series")
     ld = layer._call_and_ladj(torch.randn(5, 4))[1].sum()
     grads = torch.autograd.grad(ld, list(layer.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -254,7 +254,7 @@ def _ring(n, seed=0):
 def test_architectures_train_on_2d_toy(name, kw):
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
-    flow = getattr(flows, name)(2, num_blocks=2, hidden=(32, 32), **kw)
+    flow = getattr(flows, name)(2, num_blocks=2, hidden_dims=(32, 32), **kw)
     data = _ring(512)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
     layers = list(flow.transforms)

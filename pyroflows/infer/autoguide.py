@@ -73,7 +73,7 @@ def _build_flow(flow, latent_dim: int, flow_kw: dict) -> Flow:
     return Flow(out, event_shape=(latent_dim,))
 
 
-def default_flow(latent_dim: int, *, num_layers: int = 3, hidden=(64, 64), log_scale_bound: float = 10.0) -> Flow:
+def default_flow(latent_dim: int, *, num_layers: int = 3, hidden_dims=(64, 64), log_scale_bound: float = 10.0) -> Flow:
     r"""AutoFlow's default flow: ``num_layers`` affine IAF layers (alternating natural and
     reversed MADE orderings), each log-scale softly bounded by ``log_scale_bound``,
     i.e. ``pyroflows.flows.iaf(latent_dim, num_layers=3, kind=Affine(10))``.  Sampling
@@ -82,7 +82,7 @@ def default_flow(latent_dim: int, *, num_layers: int = 3, hidden=(64, 64), log_s
     from ..flows import iaf
     from ..transforms.transformers import Affine
 
-    return iaf(latent_dim, num_layers=num_layers, hidden=hidden, kind=Affine(log_scale_bound))
+    return iaf(latent_dim, num_layers=num_layers, hidden_dims=hidden_dims, kind=Affine(log_scale_bound))
 
 
 class _FlowDensity(torch.nn.Module):
@@ -96,11 +96,11 @@ class _FlowDensity(torch.nn.Module):
         self.standardise = standardise
 
     def forward(self, theta):
-        u, ladj = self.standardise._inverse_pass(theta)
+        u, ladj = self.standardise.inverse_and_ladj(theta, cache=False)
         if self.linear is not None:
-            u, l_linear = self.linear._inverse_pass(u)
+            u, l_linear = self.linear.inverse_and_ladj(u, cache=False)
             ladj = ladj + l_linear
-        return self.flow._direct_log_prob(u, use_cache=False) - ladj
+        return self.flow.log_prob(u, cache=False) - ladj
 
 
 class _StickingTheLanding(TorchDistribution):
@@ -211,17 +211,14 @@ class AutoFlow(AutoContinuous):
             self._refuse_discrete_sites()
         loc = self._init_loc().detach()
         flow = _build_flow(self._flow_spec, self.latent_dim, self._flow_kw)
-        affine = elementwise(self.latent_dim, "affine")
-        bound = affine.transformer.log_scale_bound
-        log_scale = min(max(math.log(self._init_scale), -0.99 * bound), 0.99 * bound)
+        affine = elementwise(self.latent_dim, kind="affine")
         with torch.no_grad():
-            params = torch.stack([loc, torch.full_like(loc, bound * math.atanh(log_scale / bound))], -1)
-            affine.params.copy_(params.to(affine.params.dtype))
+            affine.params.copy_(affine.transformer.params_for(loc, torch.full_like(loc, math.log(self._init_scale))))
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
         self.linear = Triangular(self.latent_dim).to(dtype=loc.dtype, device=loc.device) if self._use_linear else None
         self.standardise = affine.to(dtype=loc.dtype, device=loc.device)
         if self.stl:
-            bad = [type(t).__name__ for t in self.flow._all_transforms if not isinstance(t, Bijector)]
+            bad = [type(t).__name__ for t in self.flow.transforms if not isinstance(t, Bijector)]
             if bad:
                 raise ValueError(f"stl=True needs every layer to be a pyroflows Bijector (it recomputes "
                                  f"log q through the layers' inverses); not: {', '.join(bad)}")
@@ -270,7 +267,7 @@ class AutoFlow(AutoContinuous):
 
     def _transforms(self):
         outer = [] if self.linear is None else [self.linear]
-        return list(self.flow().transforms) + outer + [self.standardise]
+        return [self.flow.transform()] + outer + [self.standardise]
 
     # -- summaries ----------------------------------------------------------------
     @torch.no_grad()

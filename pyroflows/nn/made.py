@@ -17,27 +17,29 @@ from torch import nn
 __all__ = ["MADE", "MaskedLinear", "connectivity", "hidden_degrees", "input_degrees"]
 
 
-def input_degrees(input_dim: int, order: str | Sequence[int] | torch.Tensor | None = None,
+def input_degrees(input_dim: int, permutation: str | Sequence[int] | torch.Tensor | None = None,
                   seed: int | None = None) -> torch.Tensor:
     """Degrees ``1..D`` of the inputs: the position of each dimension in the ordering.
 
-    ``order`` is ``None``/``"natural"`` (dimension ``d`` has degree ``d + 1``),
-    ``"reverse"``, ``"random"`` (a permutation drawn with ``seed``), or an
-    explicit sequence giving the degree (1-based position) of each dimension,
-    i.e. a permutation of ``1..D``.
+    ``permutation`` is ``None``/``"natural"`` (dimension ``d`` has degree ``d + 1``),
+    ``"reverse"``, ``"random"`` (a permutation drawn with ``seed``, or from
+    torch's global generator when ``seed`` is None), or an explicit sequence
+    giving the degree (1-based position) of each dimension, i.e. a permutation
+    of ``1..D``.
     """
+    order = permutation
     if order is None or (isinstance(order, str) and order == "natural"):
         return torch.arange(1, input_dim + 1)
     if isinstance(order, str):
         if order == "reverse":
             return torch.arange(input_dim, 0, -1)
         if order == "random":
-            g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+            g = None if seed is None else torch.Generator().manual_seed(int(seed))
             return torch.randperm(input_dim, generator=g) + 1
-        raise ValueError(f"order must be 'natural', 'reverse', 'random' or a permutation of 1..D, got {order!r}")
+        raise ValueError(f"permutation must be 'natural', 'reverse', 'random' or a permutation of 1..D, got {order!r}")
     degrees = torch.as_tensor(order, dtype=torch.long).flatten()
     if degrees.numel() != input_dim or not torch.equal(degrees.sort().values, torch.arange(1, input_dim + 1)):
-        raise ValueError(f"order must be a permutation of 1..{input_dim}, got {degrees.tolist()}")
+        raise ValueError(f"permutation must be a permutation of 1..{input_dim}, got {degrees.tolist()}")
     return degrees
 
 
@@ -118,21 +120,21 @@ class MADE(nn.Module):
             and feeds every hidden unit of the first layer (so even the first
             dimension's outputs depend on it); ``forward(x, context)``
             broadcasts the batch shapes of ``x`` and ``context``.
-        order: ordering of the inputs, see :func:`input_degrees`.
-        seed: seed of a ``"random"`` order.
+        permutation: ordering of the inputs, see :func:`input_degrees`.
+        seed: seed of a ``"random"`` permutation.
         activation: ``nn.Module`` class (default ``nn.ReLU``).
         zero_init: start the output layer at zero.
     """
 
     def __init__(self, input_dim: int, num_params: int, hidden: Sequence[int] = (64, 64),
-                 context_dim: int | None = None, order=None, seed: int | None = None,
+                 context_dim: int | None = None, permutation=None, seed: int | None = None,
                  activation: type[nn.Module] = nn.ReLU, zero_init: bool = True):
         super().__init__()
         if not hidden:
             raise ValueError("MADE needs at least one hidden layer")
         self.input_dim, self.num_params = int(input_dim), int(num_params)
         self.context_dim = context_dim or 0
-        deg_in = input_degrees(input_dim, order, seed)
+        deg_in = input_degrees(input_dim, permutation, seed)
         self.register_buffer("degrees", deg_in)
         lowest = 0 if self.context_dim else 1
         degs = [deg_in] + [hidden_degrees(h, input_dim, lowest) for h in hidden]

@@ -28,9 +28,9 @@ import torch
 
 from ..nn import MADE
 from .base import Bijector, ConditionalBijector
-from .coupling import DEFAULT_SPLINE, default_hidden
+from .coupling import default_hidden
 from .elementwise import check_input_dim
-from .transformers import Transformer, make_transformer
+from .transformers import Transformer, make_transformer, spline_kind
 
 __all__ = [
     "ConditionalInverseAutoregressive",
@@ -183,67 +183,82 @@ class ConditionalInverseAutoregressive(_AutoregressiveMath, ConditionalBijector)
         return self._sequential(x, context, self.transformer.inverse)
 
 
-def _build(cls, input_dim, kind, bins, bound, hidden, order, seed, context_dim=None):
+def _build(cls, input_dim, kind, count_bins, bound, hidden_dims, permutation, context_dim=None):
     check_input_dim(input_dim)
-    transformer = make_transformer(kind, bins, bound)
-    hidden = default_hidden(input_dim) if hidden is None else hidden
-    made = MADE(input_dim, transformer.num_params, hidden, context_dim=context_dim, order=order, seed=seed)
+    transformer = make_transformer(kind, count_bins, bound)
+    hidden_dims = default_hidden(input_dim) if hidden_dims is None else hidden_dims
+    made = MADE(input_dim, transformer.num_params, hidden_dims, context_dim=context_dim, permutation=permutation)
     return cls(transformer, made)
 
 
-def masked_autoregressive(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
-                          bound: float = 5.0, hidden: Sequence[int] | None = None, order=None,
-                          seed: int | None = None) -> MaskedAutoregressive:
-    """A :class:`MaskedAutoregressive` (MAF) layer with any transformer ``kind``;
-    ``order`` is the MADE ordering (``None``/"natural", "reverse", "random" with ``seed``)."""
-    return _build(MaskedAutoregressive, input_dim, kind, bins, bound, hidden, order, seed)
+_PERMUTATION_DOC = """``permutation`` is the MADE ordering (``None``/"natural", "reverse", "random" from
+    torch's generator, or explicit degrees)."""
 
 
-def inverse_autoregressive(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
-                           bound: float = 5.0, hidden: Sequence[int] | None = None, order=None,
-                           seed: int | None = None) -> InverseAutoregressive:
-    """An :class:`InverseAutoregressive` (IAF) layer with any transformer ``kind``."""
-    return _build(InverseAutoregressive, input_dim, kind, bins, bound, hidden, order, seed)
+def masked_autoregressive(input_dim: int, hidden_dims: Sequence[int] | None = None, *,
+                          kind: str | Transformer = "affine", count_bins: int = 8, bound: float = 5.0,
+                          permutation=None) -> MaskedAutoregressive:
+    """A :class:`MaskedAutoregressive` (MAF) layer with any transformer ``kind``: one-pass
+    inverse (density), sequential forward (sampling).  """ + _PERMUTATION_DOC
+    return _build(MaskedAutoregressive, input_dim, kind, count_bins, bound, hidden_dims, permutation)
 
 
-def affine_autoregressive(input_dim: int, hidden: Sequence[int] | None = None, order=None,
-                          seed: int | None = None) -> MaskedAutoregressive:
-    """The affine MAF layer of Papamakarios et al. (2017)."""
-    return _build(MaskedAutoregressive, input_dim, "affine", 8, 5.0, hidden, order, seed)
+def inverse_autoregressive(input_dim: int, hidden_dims: Sequence[int] | None = None, *,
+                           kind: str | Transformer = "affine", count_bins: int = 8, bound: float = 5.0,
+                           permutation=None) -> InverseAutoregressive:
+    """An :class:`InverseAutoregressive` (IAF) layer with any transformer ``kind``: one-pass
+    forward (sampling), sequential inverse.  """ + _PERMUTATION_DOC
+    return _build(InverseAutoregressive, input_dim, kind, count_bins, bound, hidden_dims, permutation)
 
 
-def spline_autoregressive(input_dim: int, bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
-                          order=None, seed: int | None = None) -> MaskedAutoregressive:
-    """The autoregressive neural spline flow layer (Durkan et al., 2019), MAF direction, with the
-    default spline (:data:`~pyroflows.transforms.coupling.DEFAULT_SPLINE`); other kinds:
-    :func:`masked_autoregressive`."""
-    return _build(MaskedAutoregressive, input_dim, DEFAULT_SPLINE, bins, bound, hidden, order, seed)
+def affine_autoregressive(input_dim: int, hidden_dims: Sequence[int] | None = None, *,
+                          permutation=None) -> InverseAutoregressive:
+    """Pyro's ``affine_autoregressive``: an affine IAF layer (Kingma et al., 2016), as in Pyro:
+    the forward (sampling) direction is one pass, the inverse sequential; ``log_prob`` of
+    its own samples is free through the cache.  The MAF direction is
+    :func:`masked_autoregressive`.  """ + _PERMUTATION_DOC
+    return _build(InverseAutoregressive, input_dim, "affine", 8, 5.0, hidden_dims, permutation)
 
 
-def conditional_masked_autoregressive(input_dim: int, context_dim: int, kind: str | Transformer = "affine",
-                                      bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
-                                      order=None, seed: int | None = None) -> ConditionalMaskedAutoregressive:
+def spline_autoregressive(input_dim: int, hidden_dims: Sequence[int] | None = None, count_bins: int = 8,
+                          bound: float = 3.0, order: str = "linear", *,
+                          permutation=None) -> InverseAutoregressive:
+    """Pyro's ``spline_autoregressive``: the autoregressive neural spline flow layer (Durkan
+    et al., 2019) in Pyro's IAF direction (forward one pass), with a rational spline of
+    ``order`` ``"linear"`` or ``"quadratic"``.  Other kinds and the MAF direction:
+    :func:`inverse_autoregressive`, :func:`masked_autoregressive`.  """ + _PERMUTATION_DOC
+    return _build(InverseAutoregressive, input_dim, spline_kind(order), count_bins, bound, hidden_dims,
+                  permutation)
+
+
+def conditional_masked_autoregressive(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                      *, kind: str | Transformer = "affine", count_bins: int = 8,
+                                      bound: float = 5.0, permutation=None) -> ConditionalMaskedAutoregressive:
     """Conditional twin of :func:`masked_autoregressive`."""
-    return _build(ConditionalMaskedAutoregressive, input_dim, kind, bins, bound, hidden, order, seed, context_dim)
+    return _build(ConditionalMaskedAutoregressive, input_dim, kind, count_bins, bound, hidden_dims, permutation,
+                  context_dim)
 
 
-def conditional_inverse_autoregressive(input_dim: int, context_dim: int, kind: str | Transformer = "affine",
-                                       bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
-                                       order=None, seed: int | None = None) -> ConditionalInverseAutoregressive:
+def conditional_inverse_autoregressive(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                       *, kind: str | Transformer = "affine", count_bins: int = 8,
+                                       bound: float = 5.0, permutation=None) -> ConditionalInverseAutoregressive:
     """Conditional twin of :func:`inverse_autoregressive`."""
-    return _build(ConditionalInverseAutoregressive, input_dim, kind, bins, bound, hidden, order, seed,
+    return _build(ConditionalInverseAutoregressive, input_dim, kind, count_bins, bound, hidden_dims, permutation,
                   context_dim)
 
 
-def conditional_affine_autoregressive(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
-                                      order=None, seed: int | None = None) -> ConditionalMaskedAutoregressive:
-    """Conditional twin of :func:`affine_autoregressive`."""
-    return _build(ConditionalMaskedAutoregressive, input_dim, "affine", 8, 5.0, hidden, order, seed, context_dim)
-
-
-def conditional_spline_autoregressive(input_dim: int, context_dim: int, bins: int = 8, bound: float = 5.0,
-                                      hidden: Sequence[int] | None = None, order=None,
-                                      seed: int | None = None) -> ConditionalMaskedAutoregressive:
-    """Conditional twin of :func:`spline_autoregressive`."""
-    return _build(ConditionalMaskedAutoregressive, input_dim, DEFAULT_SPLINE, bins, bound, hidden, order, seed,
+def conditional_affine_autoregressive(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                      *, permutation=None) -> ConditionalInverseAutoregressive:
+    """Pyro's ``conditional_affine_autoregressive``: conditional twin of :func:`affine_autoregressive`
+    (IAF direction)."""
+    return _build(ConditionalInverseAutoregressive, input_dim, "affine", 8, 5.0, hidden_dims, permutation,
                   context_dim)
+
+
+def conditional_spline_autoregressive(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                      count_bins: int = 8, bound: float = 3.0, order: str = "linear", *,
+                                      permutation=None) -> ConditionalInverseAutoregressive:
+    """Pyro's ``conditional_spline_autoregressive``: conditional twin of :func:`spline_autoregressive`
+    (IAF direction)."""
+    return _build(ConditionalInverseAutoregressive, input_dim, spline_kind(order), count_bins, bound, hidden_dims,
+                  permutation, context_dim)

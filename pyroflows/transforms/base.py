@@ -22,11 +22,15 @@ Caching rules (the two things Pyro's built-in flows get wrong):
    instead of running the network again.  So ``log_prob`` of the flow's own
    ``rsample`` costs no extra conditioner call (for IAF it avoids the
    sequential inverse altogether).
-2. A cached pass is only reused while it is still valid: the parameters have
-   not been modified in place since (an optimizer step bumps their version
-   counters; buffers and the train/eval mode count too), a pass cached without gradients is not reused when gradients
-   are wanted, and a pass whose graph has been consumed by ``backward`` is
-   dropped.  A cached entry is also dropped once its log-determinant has been
+2. A cached pass is only reused while it is still valid.  Its key is the
+   state of every parameter and buffer the layer reads: each tensor's
+   identity (a replaced ``Parameter``, as ``pyro.module(...,
+   update_module_params=True)`` or ``torch.func.functional_call`` do), its
+   version counter (in-place updates: optimizer steps, ``load_state_dict``)
+   and its storage address (``p.data = ...``; the old storage is pinned by the
+   entry so its address cannot be reused), plus the train/eval mode.  A pass
+   cached without gradients is not reused when gradients are wanted, and a
+   pass whose graph has been consumed by ``backward`` is dropped.  A cached entry is also dropped once its log-determinant has been
    handed out, so scoring the same data tensor twice runs twice.  Users never
    need ``clear_cache()``.
 """
@@ -44,12 +48,28 @@ __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 
 
 class _Pass:
-    """One cached pass: the pair (x, y), its log-det and a validity key."""
+    """One cached pass: the pair (x, y), its log-det and a validity key
+    ``(grad_enabled, training, tensors, numbers)``; ``pinned`` keeps the
+    storages the key's addresses refer to alive."""
 
-    __slots__ = ("__weakref__", "key", "ladj", "valid", "x", "y")
+    __slots__ = ("__weakref__", "key", "ladj", "pinned", "valid", "x", "y")
 
-    def __init__(self, x, y, ladj, key):
-        self.x, self.y, self.ladj, self.key, self.valid = x, y, ladj, key, True
+    def __init__(self, x, y, ladj, key, pinned):
+        self.x, self.y, self.ladj, self.key, self.pinned, self.valid = x, y, ladj, key, pinned, True
+
+
+def state_of(tensors):
+    """``(tensors, numbers)``: the identity, version counter and storage address of each tensor,
+    the fingerprint a cached pass is checked against."""
+    nums = []
+    for t in tensors:
+        nums += (t._version, t.data_ptr())
+    return tensors, tuple(nums)
+
+
+def same_state(a, b) -> bool:
+    """Whether two :func:`state_of` fingerprints agree (tensors compared by identity)."""
+    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0]))
 
 
 def _invalidate_on_backward(entry: _Pass, tensors) -> None:
@@ -72,11 +92,12 @@ def _invalidate_on_backward(entry: _Pass, tensors) -> None:
             t.register_hook(hook)
 
 
-class _CachedPasses:
+class CachedPasses:
     """Caching logic shared by plain and conditioned bijectors.
 
-    Subclasses provide ``_forward_pass(x)``, ``_inverse_pass(y)`` and
-    ``_version_key()`` (a cheap fingerprint of the state the pass depends on).
+    Subclasses provide ``_forward_pass(x)``, ``_inverse_pass(y)``,
+    ``_cache_dependencies()`` (the tensors the pass reads, looked up afresh) and
+    ``_training_flag()``.
     """
 
     _pass: _Pass | None = None
@@ -89,22 +110,21 @@ class _CachedPasses:
             return None
         if y is not None and entry.y is not y:
             return None
-        grad_wanted, versions = entry.key
+        grad_wanted, training, state = entry.key
         if torch.is_grad_enabled() and not grad_wanted:
             return None
-        if versions != self._param_versions():
+        if training != self._training_flag() or not same_state(state, state_of(self._cache_dependencies())):
             return None
         return entry
 
     def _store(self, x, y, ladj):
         if self._cache_size == 0:
             return
-        entry = _Pass(x, y, ladj, (torch.is_grad_enabled(), self._param_versions()))
+        tensors = self._cache_dependencies()
+        pinned = tuple(t.detach() for t in tensors)
+        entry = _Pass(x, y, ladj, (torch.is_grad_enabled(), self._training_flag(), state_of(tensors)), pinned)
         _invalidate_on_backward(entry, (x, y, ladj))
         self._pass = entry
-
-    def _param_versions(self):
-        return (self._training_flag(), tuple(p._version for p in self._cache_dependencies()))
 
     # Pyro / torch.distributions interface -----------------------------------
     def __call__(self, x):
@@ -123,12 +143,15 @@ class _CachedPasses:
         self._store(x, y, ladj)
         return x
 
-    def call_and_ladj(self, x):
+    def call_and_ladj(self, x, *, cache: bool = True):
         """``(y, log|det dy/dx|)`` for ``y = f(x)``: the one public forward pass.
 
         Reuses (and hands out once) a cached pass on this very ``x``; a new pass
         is cached so that ``log_abs_det_jacobian`` or ``inverse_and_ladj`` of its
-        output costs nothing."""
+        output costs nothing.  ``cache=False`` always recomputes and stores
+        nothing (e.g. under parameters swapped in by ``torch.func.functional_call``)."""
+        if not cache:
+            return self._forward_pass(x)
         entry = self._lookup(x=x)
         if entry is not None:
             entry.valid = False
@@ -137,12 +160,15 @@ class _CachedPasses:
         self._store(x, y, ladj)
         return y, ladj
 
-    def inverse_and_ladj(self, y):
+    def inverse_and_ladj(self, y, *, cache: bool = True):
         """``(x, log|det dy/dx|)`` for ``x = f^{-1}(y)``, the log-determinant of the
         *forward* map at that ``x``: the one public inverse pass.  A cached pass
         that produced this very ``y`` is reused (handed out once), so the flow's
         own samples are scored for free; a new inverse pass is not cached (its
-        log-determinant has been handed out already)."""
+        log-determinant has been handed out already).  ``cache=False`` always
+        recomputes."""
+        if not cache:
+            return self._inverse_pass(y)
         entry = self._lookup(y=y)
         if entry is not None:
             entry.valid = False
@@ -174,16 +200,22 @@ class _CachedPasses:
         self._pass = None
 
 
-class _TensorList:
-    """The parameters and buffers of a layer, listed once (walking the module
-    tree on every pass is measurable) until its tensors are replaced
-    (``_apply``: ``.to()``, ``.double()``, ...) or an attribute is reassigned."""
+class TensorList:
+    """The parameters and buffers of a layer, as slots ``(dict, name)`` listed once
+    (walking the module tree on every pass is measurable) until an attribute of
+    the layer is reassigned; the tensors themselves are read from their slots
+    on every pass, so a ``Parameter`` replaced anywhere in the tree (``.to()``,
+    ``pyro.module(..., update_module_params=True)``, ``functional_call``) is seen."""
+
+    def _tensor_slots(self):
+        slots = self.__dict__.get("_deps")
+        if slots is None:
+            slots = self.__dict__["_deps"] = tuple(
+                (d, name) for m in self.modules() for d in (m._parameters, m._buffers) for name in d)
+        return slots
 
     def _cache_dependencies(self):
-        deps = self.__dict__.get("_deps")
-        if deps is None:
-            deps = self.__dict__["_deps"] = (*self.parameters(), *self.buffers())
-        return deps
+        return tuple(t for d, name in self._tensor_slots() if (t := d.get(name)) is not None)
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_deps", None)
@@ -195,7 +227,7 @@ class _TensorList:
         super().__setattr__(name, value)
 
 
-class Bijector(_CachedPasses, _TensorList, TransformModule):
+class Bijector(CachedPasses, TensorList, TransformModule):
     r"""Base class of every pyroflows layer: a Pyro ``TransformModule``.
 
     Subclasses implement
@@ -255,7 +287,7 @@ class Bijector(_CachedPasses, _TensorList, TransformModule):
     __repr__ = torch.nn.Module.__repr__
 
 
-class ConditionalBijector(_TensorList, ConditionalTransformModule):
+class ConditionalBijector(TensorList, ConditionalTransformModule):
     r"""Base class of every conditional pyroflows layer.
 
     Subclasses implement ``_call_and_ladj(x, context)`` and
@@ -281,13 +313,13 @@ class ConditionalBijector(_TensorList, ConditionalTransformModule):
         """``y = f(x; context)``, the same as ``layer.condition(context)(x)``."""
         return self.condition(context)(x)
 
-    def call_and_ladj(self, x, context):
+    def call_and_ladj(self, x, context, *, cache: bool = True):
         """``(y, log|det dy/dx|)`` given ``context`` (see :meth:`Bijector.call_and_ladj`)."""
-        return self.condition(context).call_and_ladj(x)
+        return self.condition(context).call_and_ladj(x, cache=cache)
 
-    def inverse_and_ladj(self, y, context):
+    def inverse_and_ladj(self, y, context, *, cache: bool = True):
         """``(x, log|det dy/dx|)`` given ``context`` (see :meth:`Bijector.inverse_and_ladj`)."""
-        return self.condition(context).inverse_and_ladj(y)
+        return self.condition(context).inverse_and_ladj(y, cache=cache)
 
     __repr__ = torch.nn.Module.__repr__
 
@@ -306,7 +338,7 @@ class ConditionalBijector(_TensorList, ConditionalTransformModule):
         return object.__hash__(self)
 
 
-class ConditionedBijector(_CachedPasses, torch.distributions.Transform):
+class ConditionedBijector(CachedPasses, torch.distributions.Transform):
     """A :class:`ConditionalBijector` bound to one context tensor."""
 
     bijective = True

@@ -26,7 +26,7 @@ from torch import nn
 from ..nn import MLP
 from .base import Bijector, ConditionalBijector
 from .elementwise import check_input_dim
-from .transformers import KINDS, Transformer, make_transformer
+from .transformers import KINDS, Transformer, make_transformer, spline_kind
 
 __all__ = [
     "ConditionalCoupling",
@@ -43,14 +43,11 @@ __all__ = [
 DEFAULT_SPLINE = "rq_spline" if "rq_spline" in KINDS else "piecewise_linear"
 
 
-def half_mask(input_dim: int, parity: int = 0) -> torch.Tensor:
-    """Boolean mask, ``True`` = passes unchanged: the first ``D // 2`` dimensions
-    for ``parity=0``, the others for ``parity=1`` (alternate it between layers)."""
-    if input_dim < 2:
-        raise ValueError(f"a coupling layer needs input_dim >= 2 (one half must condition the other), "
-                         f"got {input_dim}")
-    first = torch.arange(input_dim) < input_dim // 2
-    return first if parity % 2 == 0 else ~first
+def half_mask(input_dim: int, flip: bool = False) -> torch.Tensor:
+    """Boolean mask, ``True`` = passes unchanged: the first ``D // 2`` dimensions,
+    or the others with ``flip=True`` (alternate it between layers)."""
+    first = coupling_mask(input_dim)
+    return ~first if flip else first
 
 
 def default_hidden(input_dim: int) -> tuple[int, int]:
@@ -190,55 +187,87 @@ class ConditionalCoupling(_CouplingMath, ConditionalBijector):
         return self._couple(y, context, self.transformer.inverse)
 
 
-def build_coupling(input_dim, kind, bins, bound, hidden, parity=0, mask=None, context_dim=None):
-    """A coupling layer (conditional when ``context_dim`` is given) with an MLP conditioner."""
+def coupling_mask(input_dim: int, split_dim: int | None = None, dim: int = -1, mask=None) -> torch.Tensor:
+    """The boolean mask (``True`` = passes unchanged) of Pyro's ``split_dim``: the first
+    ``split_dim`` dimensions (default ``input_dim // 2``) condition the rest; an explicit
+    ``mask`` wins.  ``dim`` is the event dimension to split (only ``-1``: vectors)."""
     check_input_dim(input_dim)
-    mask = half_mask(input_dim, parity) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    if mask.numel() != input_dim:
-        raise ValueError(f"mask has {mask.numel()} entries but input_dim is {input_dim}")
-    transformer = make_transformer(kind, bins, bound)
+    if dim != -1:
+        raise ValueError(f"only dim=-1 (the last, vector event dimension) is supported, got dim={dim!r}")
+    if mask is not None:
+        if split_dim is not None:
+            raise ValueError("pass either split_dim or mask, not both")
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.numel() != input_dim:
+            raise ValueError(f"mask has {mask.numel()} entries but input_dim is {input_dim}")
+        return mask
+    if input_dim < 2:
+        raise ValueError(f"a coupling layer needs input_dim >= 2 (one half must condition the other), "
+                         f"got {input_dim}")
+    split_dim = input_dim // 2 if split_dim is None else split_dim
+    if isinstance(split_dim, bool) or not isinstance(split_dim, int) or not 0 < split_dim < input_dim:
+        raise ValueError(f"split_dim must be an int in [1, input_dim - 1] = [1, {input_dim - 1}], got {split_dim!r}")
+    return torch.arange(input_dim) < split_dim
+
+
+def build_coupling(input_dim, kind, count_bins, bound, hidden_dims, mask, context_dim=None):
+    """A coupling layer (conditional when ``context_dim`` is given) with an MLP conditioner
+    over the boolean ``mask`` (``True`` = passes unchanged, see :func:`coupling_mask`)."""
+    transformer = make_transformer(kind, count_bins, bound)
     n_a = int(mask.sum())
     net = MLP(n_a + (context_dim or 0), (input_dim - n_a) * transformer.num_params,
-              default_hidden(input_dim) if hidden is None else hidden)
+              default_hidden(input_dim) if hidden_dims is None else hidden_dims)
     if context_dim is None:
         return Coupling(transformer, net, mask)
     return ConditionalCoupling(transformer, net, mask, context_dim)
 
 
-def spline_coupling(input_dim: int, kind: str | Transformer = DEFAULT_SPLINE, bins: int = 8,
-                    bound: float = 5.0, hidden: Sequence[int] | None = None, parity: int = 0,
-                    mask=None) -> Coupling:
-    """A :class:`Coupling` layer with any transformer ``kind`` (default: the
-    rational-quadratic spline, the coupling NSF of Durkan et al. 2019) and an
-    :class:`~pyroflows.nn.MLP` conditioner; ``parity`` picks which half of
-    :func:`half_mask` is transformed, or pass an explicit boolean ``mask``."""
-    return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, None)
+def spline_coupling(input_dim: int, split_dim: int | None = None, hidden_dims: Sequence[int] | None = None,
+                    count_bins: int = 8, bound: float = 3.0, *, order: str = "linear",
+                    kind: str | Transformer | None = None, mask=None) -> Coupling:
+    """Pyro's ``spline_coupling``: a :class:`Coupling` layer whose first ``split_dim``
+    dimensions (default ``input_dim // 2``) condition a monotone rational spline
+    (``order`` ``"linear"`` or ``"quadratic"``, Pyro's; the coupling neural spline flow
+    of Durkan et al. 2019) on the rest, with an :class:`~pyroflows.nn.MLP`
+    conditioner.  Ours on top: ``kind=`` any transformer (overrides ``order``),
+    ``mask=`` any split.  Both directions one pass."""
+    kind = spline_kind(order) if kind is None else kind
+    return build_coupling(input_dim, kind, count_bins, bound, hidden_dims,
+                          coupling_mask(input_dim, split_dim, -1, mask))
 
 
-def affine_coupling(input_dim: int, hidden: Sequence[int] | None = None, parity: int = 0, mask=None) -> Coupling:
-    """The RealNVP affine coupling layer (Dinh et al., 2017): ``spline_coupling(kind="affine")``."""
-    return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, None)
+def affine_coupling(input_dim: int, hidden_dims: Sequence[int] | None = None, split_dim: int | None = None,
+                    dim: int = -1, *, mask=None) -> Coupling:
+    """Pyro's ``affine_coupling``: the RealNVP affine coupling layer (Dinh et al., 2017),
+    softly clamped log-scale; both directions one pass."""
+    return build_coupling(input_dim, "affine", 8, 5.0, hidden_dims, coupling_mask(input_dim, split_dim, dim, mask))
 
 
-def additive_coupling(input_dim: int, hidden: Sequence[int] | None = None, parity: int = 0, mask=None) -> Coupling:
+def additive_coupling(input_dim: int, hidden_dims: Sequence[int] | None = None, split_dim: int | None = None,
+                      dim: int = -1, *, mask=None) -> Coupling:
     """The NICE additive (volume-preserving) coupling layer (Dinh et al., 2015)."""
-    return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, None)
+    return build_coupling(input_dim, "additive", 8, 5.0, hidden_dims, coupling_mask(input_dim, split_dim, dim, mask))
 
 
-def conditional_spline_coupling(input_dim: int, context_dim: int, kind: str | Transformer = DEFAULT_SPLINE,
-                                bins: int = 8, bound: float = 5.0, hidden: Sequence[int] | None = None,
-                                parity: int = 0, mask=None) -> ConditionalCoupling:
+def conditional_spline_coupling(input_dim: int, context_dim: int, split_dim: int | None = None,
+                                hidden_dims: Sequence[int] | None = None, count_bins: int = 8,
+                                bound: float = 3.0, *, order: str = "linear",
+                                kind: str | Transformer | None = None, mask=None) -> ConditionalCoupling:
     """Conditional twin of :func:`spline_coupling` (context concatenated to the conditioner input)."""
-    return build_coupling(input_dim, kind, bins, bound, hidden, parity, mask, context_dim)
+    kind = spline_kind(order) if kind is None else kind
+    return build_coupling(input_dim, kind, count_bins, bound, hidden_dims,
+                          coupling_mask(input_dim, split_dim, -1, mask), context_dim)
 
 
-def conditional_affine_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
-                                parity: int = 0, mask=None) -> ConditionalCoupling:
-    """Conditional twin of :func:`affine_coupling`."""
-    return build_coupling(input_dim, "affine", 8, 5.0, hidden, parity, mask, context_dim)
+def conditional_affine_coupling(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                split_dim: int | None = None, dim: int = -1, *, mask=None) -> ConditionalCoupling:
+    """Pyro's ``conditional_affine_coupling``: conditional twin of :func:`affine_coupling`."""
+    return build_coupling(input_dim, "affine", 8, 5.0, hidden_dims, coupling_mask(input_dim, split_dim, dim, mask),
+                          context_dim)
 
 
-def conditional_additive_coupling(input_dim: int, context_dim: int, hidden: Sequence[int] | None = None,
-                                  parity: int = 0, mask=None) -> ConditionalCoupling:
+def conditional_additive_coupling(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                                  split_dim: int | None = None, dim: int = -1, *, mask=None) -> ConditionalCoupling:
     """Conditional twin of :func:`additive_coupling`."""
-    return build_coupling(input_dim, "additive", 8, 5.0, hidden, parity, mask, context_dim)
+    return build_coupling(input_dim, "additive", 8, 5.0, hidden_dims,
+                          coupling_mask(input_dim, split_dim, dim, mask), context_dim)

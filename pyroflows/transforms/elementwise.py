@@ -6,6 +6,7 @@ Both directions cost one elementwise pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,20 +16,25 @@ from torch.distributions import constraints
 
 from ..nn import MLP
 from .base import Bijector, ConditionalBijector
-from .transformers import PiecewiseLinear, Transformer, make_transformer
+from .transformers import PiecewiseLinear, Transformer, make_transformer, spline_kind
 
 __all__ = [
+    "ELU",
     "ConditionalElementwise",
     "Elementwise",
     "LeakyReLU",
     "Logit",
     "Sigmoid",
+    "Spline",
     "conditional_elementwise",
     "elementwise",
+    "elu",
     "leaky_relu",
     "logit",
     "piecewise_linear",
     "sigmoid",
+    "spline",
+    "conditional_spline",
 ]
 
 unit_interval_vector = constraints.independent(constraints.unit_interval, 1)
@@ -88,6 +94,18 @@ class Elementwise(Bijector):
         return f"{self.transformer!r}, input_dim={self.event_shape[0]}"
 
 
+class Spline(Elementwise):
+    r"""Pyro's ``Spline``: an elementwise monotone rational spline on ``[-bound, bound]``
+    (identity outside) with free parameters, the constructor Pyro's.  ``order="linear"``
+    is the linear rational spline (Dolatabadi et al. 2020, Pyro's default),
+    ``"quadratic"`` the rational-quadratic one (Durkan et al. 2019).  Both directions
+    one pass."""
+
+    def __init__(self, input_dim: int, count_bins: int = 8, bound: float = 3.0, order: str = "linear"):
+        super().__init__(make_transformer(spline_kind(order), count_bins, bound), input_dim)
+        self.order = order
+
+
 class ConditionalElementwise(ConditionalBijector):
     r"""Any transformer applied to each dimension with parameters computed from a
     context :math:`c`: :math:`\theta(c) = \theta_0 + \mathrm{MLP}(c)`.
@@ -110,13 +128,13 @@ class ConditionalElementwise(ConditionalBijector):
     sign = 1
 
     def __init__(self, transformer: Transformer, input_dim: int, context_dim: int,
-                 hidden: Sequence[int] = (64, 64)):
+                 hidden_dims: Sequence[int] = (64, 64)):
         super().__init__()
         self.transformer = transformer
         self.event_shape = (check_input_dim(input_dim),)
         self.context_dim = check_context_dim(context_dim)
         self.register_buffer("identity_params", transformer.identity_params().expand(input_dim, -1).clone())
-        self.net = MLP(self.context_dim, input_dim * transformer.num_params, hidden)
+        self.net = MLP(self.context_dim, input_dim * transformer.num_params, hidden_dims)
 
     def _params_and_input(self, x, context):
         params = self.identity_params + self.net(context).unflatten(-1, self.identity_params.shape)
@@ -137,37 +155,71 @@ class ConditionalElementwise(ConditionalBijector):
         return f"{self.transformer!r}, input_dim={self.event_shape[0]}, context_dim={self.context_dim}"
 
 
-class LeakyReLU(Bijector):
-    r"""Leaky ReLU with a learnable negative slope :math:`a_d > 0` per dimension.
+class _Scalar(Bijector):
+    """A parameter-free map applied to every element of any shape (event_dim 0,
+    as Pyro's ``LeakyReLUTransform`` / ``ELUTransform``): its log-determinant is
+    elementwise, the shape of the input."""
+
+    domain = constraints.real
+    codomain = constraints.real
+    sign = 1
+    event_shape = ()
+
+
+class LeakyReLU(_Scalar):
+    r"""Leaky ReLU with a fixed negative slope :math:`a > 0` (Pyro's ``leaky_relu()``):
 
     .. math::
 
         y = \begin{cases} x & x \ge 0 \\ a x & x < 0 \end{cases}, \qquad
-        \log|\det J| = \sum_d [x_d < 0] \log a_d,
+        \log|\det J| = [x < 0] \log a,
 
-    inverse :math:`x = y` for :math:`y \ge 0`, :math:`y / a` otherwise
-    (problem 16.7).  :math:`a = e^{\alpha}` keeps the slope positive; it starts
-    at ``negative_slope``.
+    inverse :math:`x = y` for :math:`y \ge 0`, :math:`y / a` otherwise (problem
+    16.7).  Elementwise on any shape (event_dim 0); both directions one pass.
+    Default slope 0.01, Pyro's.
     """
 
-    sign = 1
-
-    def __init__(self, input_dim: int, negative_slope: float = 0.5, cache_size: int = 1):
+    def __init__(self, negative_slope: float = 0.01, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         if not negative_slope > 0:
             raise ValueError(f"negative_slope must be > 0 for invertibility, got {negative_slope}")
-        self.event_shape = (check_input_dim(input_dim),)
-        self.log_slope = nn.Parameter(torch.full((input_dim,), float(negative_slope)).log())
+        self.negative_slope = float(negative_slope)
+
+    def _ladj(self, neg, like):
+        return neg.to(like.dtype) * math.log(self.negative_slope)
 
     def _call_and_ladj(self, x):
         neg = x < 0
-        y = torch.where(neg, x * self.log_slope.exp(), x)
-        return y, torch.where(neg, self.log_slope, torch.zeros_like(x)).sum(-1)
+        return torch.where(neg, x * self.negative_slope, x), self._ladj(neg, x)
 
     def _inverse_and_ladj(self, y):
         neg = y < 0
-        x = torch.where(neg, y * (-self.log_slope).exp(), y)
-        return x, torch.where(neg, self.log_slope, torch.zeros_like(y)).sum(-1)
+        return torch.where(neg, y / self.negative_slope, y), self._ladj(neg, y)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class ELU(_Scalar):
+    r"""Exponential linear unit (Pyro's ``elu()``), from the reals onto :math:`(-1, \infty)`:
+
+    .. math::
+
+        y = \begin{cases} x & x \ge 0 \\ e^{x} - 1 & x < 0 \end{cases}, \qquad
+        \log|\det J| = \min(x, 0),
+
+    inverse :math:`x = \log(1 + y)` for :math:`y < 0`.  Elementwise on any shape
+    (event_dim 0); both directions one pass.
+    """
+
+    codomain = constraints.greater_than(-1.0)
+
+    def _call_and_ladj(self, x):
+        return torch.where(x < 0, torch.expm1(x.clamp(max=0.0)), x), x.clamp(max=0.0)
+
+    def _inverse_and_ladj(self, y):
+        x = torch.where(y < 0, torch.log1p(y.clamp(min=-1 + torch.finfo(y.dtype).eps, max=0.0)), y)
+        return x, x.clamp(max=0.0)
 
 
 class Sigmoid(Bijector):
@@ -225,30 +277,54 @@ class Logit(Bijector):
         return torch.sigmoid(y), self._ladj_from_y(y)
 
 
-def elementwise(input_dim: int, kind: str | Transformer = "affine", bins: int = 8,
+def elementwise(input_dim: int, *, kind: str | Transformer = "affine", count_bins: int = 8,
                 bound: float = 5.0) -> Elementwise:
     """An :class:`Elementwise` layer of any transformer ``kind`` (see
     :data:`~pyroflows.transforms.transformers.KINDS`) with free parameters;
     ``kind="affine"`` is the diagonal affine flow (elementwise scale and shift)."""
-    return Elementwise(make_transformer(kind, bins, bound), input_dim)
+    return Elementwise(make_transformer(kind, count_bins, bound), input_dim)
 
 
-def conditional_elementwise(input_dim: int, context_dim: int, kind: str | Transformer = "affine",
-                            hidden: Sequence[int] = (64, 64), bins: int = 8,
+def conditional_elementwise(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None, *,
+                            kind: str | Transformer = "affine", count_bins: int = 8,
                             bound: float = 5.0) -> ConditionalElementwise:
     """A :class:`ConditionalElementwise` layer of any transformer ``kind`` whose
-    parameters are an MLP of the context (starting at the identity)."""
-    return ConditionalElementwise(make_transformer(kind, bins, bound), input_dim, context_dim, hidden)
+    parameters are an MLP of the context (starting at the identity); ``hidden_dims``
+    defaults to two layers of ``max(32, 10 * input_dim)``."""
+    return ConditionalElementwise(make_transformer(kind, count_bins, bound), input_dim, context_dim,
+                                  _hidden_or_default(hidden_dims, input_dim))
 
 
-def piecewise_linear(input_dim: int, bins: int = 8) -> Elementwise:
-    """The piecewise-linear flow on :math:`[0,1]^D` with ``bins`` equal-width bins (problem 16.8)."""
-    return Elementwise(PiecewiseLinear(bins, 0.0, 1.0), input_dim, domain=unit_interval_vector)
+def _hidden_or_default(hidden_dims, input_dim):
+    return (max(32, 10 * input_dim),) * 2 if hidden_dims is None else hidden_dims
 
 
-def leaky_relu(input_dim: int, negative_slope: float = 0.5) -> LeakyReLU:
-    """A :class:`LeakyReLU` with a learnable per-dimension negative slope."""
-    return LeakyReLU(input_dim, negative_slope)
+def spline(input_dim: int, *, count_bins: int = 8, bound: float = 3.0, order: str = "linear") -> Spline:
+    """Pyro's ``spline``: a :class:`Spline` layer (elementwise rational spline, free parameters)."""
+    return Spline(input_dim, count_bins, bound, order)
+
+
+def conditional_spline(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                       count_bins: int = 8, bound: float = 3.0, order: str = "linear") -> ConditionalElementwise:
+    """Pyro's ``conditional_spline``: :func:`spline` whose parameters are an MLP of the
+    context (``hidden_dims`` as in :func:`conditional_elementwise`)."""
+    return conditional_elementwise(input_dim, context_dim, hidden_dims, kind=spline_kind(order),
+                                   count_bins=count_bins, bound=bound)
+
+
+def piecewise_linear(input_dim: int, *, count_bins: int = 8) -> Elementwise:
+    """The piecewise-linear flow on :math:`[0,1]^D` with ``count_bins`` equal-width bins (problem 16.8)."""
+    return Elementwise(PiecewiseLinear(count_bins, 0.0, 1.0), input_dim, domain=unit_interval_vector)
+
+
+def leaky_relu(*, negative_slope: float = 0.01) -> LeakyReLU:
+    """Pyro's ``leaky_relu()``: a parameter-free :class:`LeakyReLU` (slope 0.01), elementwise on any shape."""
+    return LeakyReLU(negative_slope)
+
+
+def elu() -> ELU:
+    """Pyro's ``elu()``: a parameter-free :class:`ELU`, elementwise on any shape."""
+    return ELU()
 
 
 def sigmoid(input_dim: int) -> Sigmoid:

@@ -31,6 +31,7 @@ from torch import nn
 from ..nn import MLP
 from .base import Bijector, ConditionalBijector
 from .elementwise import Elementwise, check_context_dim, check_input_dim
+from .permutation import StoredPermutation
 from .transformers import Affine
 
 __all__ = [
@@ -104,7 +105,8 @@ class LU(Bijector):
 
         y = P\,L\,(U + D)\,x + b, \qquad \log|\det J| = \sum_d \log|D_{dd}|,
 
-    with a fixed permutation :math:`P` (a buffer), a unit lower-triangular
+    with a fixed permutation :math:`P` (a :class:`~pyroflows.transforms.permutation.StoredPermutation`:
+    saved by ``state_dict`` and Pyro's param store, never trained), a unit lower-triangular
     :math:`L`, a strictly upper-triangular :math:`U` and a diagonal
     :math:`D = \mathrm{diag}(\sigma \odot e^{s})`: the learnable log-magnitude
     :math:`s` keeps every :math:`D_{dd}` away from zero for any real
@@ -132,9 +134,7 @@ class LU(Bijector):
         super().__init__(cache_size=cache_size)
         dim = check_input_dim(input_dim)
         self.event_shape = (dim,)
-        perm = _make_permutation(permutation, dim, seed)
-        self.register_buffer("permutation", perm)
-        self.register_buffer("inverse_permutation", torch.argsort(perm))
+        self.stored = StoredPermutation(_make_permutation(permutation, dim, seed))
         self.register_buffer("diag_sign", torch.ones(dim))
         self.lower = nn.Parameter(torch.zeros(dim, dim))  # only the strictly lower part is used
         self.upper = nn.Parameter(torch.zeros(dim, dim))  # only the strictly upper part is used
@@ -147,19 +147,24 @@ class LU(Bijector):
         upper = torch.triu(self.upper, 1) + torch.diag(self.diag_sign * self.log_abs_diag.exp())
         return lower, upper
 
+    @property
+    def permutation(self) -> torch.Tensor:
+        """The indices ``perm`` of :math:`P`, :math:`(Pz)_i = z_{perm[i]}`."""
+        return self.stored.indices
+
     def matrix(self) -> torch.Tensor:
         """The assembled :math:`W = P L (U + D)` (for tests and inspection)."""
         lower, upper = self._factors()
-        return (lower @ upper)[self.permutation]
+        return (lower @ upper)[self.stored.indices]
 
     def _call_and_ladj(self, x):
         lower, upper = self._factors()
-        y = ((x @ upper.T) @ lower.T)[..., self.permutation] + self.bias
+        y = ((x @ upper.T) @ lower.T)[..., self.stored.indices] + self.bias
         return y, _batch_ladj(self.log_abs_diag.sum(), x)
 
     def _inverse_and_ladj(self, y):
         lower, upper = self._factors()
-        z = _rows((y - self.bias)[..., self.inverse_permutation])  # P^T (y - b), as rows
+        z = _rows((y - self.bias)[..., self.stored.inverse_indices])  # P^T (y - b), as rows
         # rows: x^T (U+D)^T L^T = z^T, solved one triangle at a time
         w = torch.linalg.solve_triangular(lower.T, z, upper=True, left=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper.T, w, upper=False, left=False)
@@ -315,14 +320,14 @@ class ConditionalHouseholder(ConditionalBijector):
     """
 
     def __init__(self, input_dim: int, context_dim: int, count_transforms: int = 1,
-                 hidden: Sequence[int] = (64, 64)):
+                 hidden_dims: Sequence[int] = (64, 64)):
         super().__init__()
         dim = _check_householder_dim(input_dim)
         count = _check_count(count_transforms)
         self.event_shape = (dim,)
         self.context_dim = check_context_dim(context_dim)
         self.vectors = nn.Parameter(torch.randn(count, dim))
-        self.net = MLP(self.context_dim, count * dim, hidden)
+        self.net = MLP(self.context_dim, count * dim, hidden_dims)
 
     def _vectors(self, context):
         return self.vectors + self.net(context).unflatten(-1, self.vectors.shape)
@@ -387,9 +392,11 @@ class Dense(Bijector):
 
 # --- helpers ----------------------------------------------------------------------
 
-def lu(input_dim: int, permutation="random", seed: int | None = None) -> LU:
-    """An :class:`LU` linear layer :math:`y = P L (U + D) x + b` (starts at :math:`W = P`)."""
-    return LU(input_dim, permutation=permutation, seed=seed)
+def lu(input_dim: int, *, permutation="random") -> LU:
+    """An :class:`LU` linear layer :math:`y = P L (U + D) x + b` (starts at :math:`W = P`);
+    ``permutation="random"`` draws :math:`P` from torch's generator (``pyro.set_rng_seed``
+    reproduces it), ``"identity"`` or explicit indices fix it."""
+    return LU(input_dim, permutation=permutation)
 
 
 def triangular(input_dim: int) -> Triangular:
@@ -404,15 +411,21 @@ def diagonal(input_dim: int) -> Elementwise:
     return Elementwise(Affine(), input_dim)
 
 
-def householder(input_dim: int, count_transforms: int = 1) -> Householder:
-    """A :class:`Householder` flow of ``count_transforms`` reflections (``input_dim >= 2``)."""
+def householder(input_dim: int, count_transforms: int | None = None) -> Householder:
+    """A :class:`Householder` flow of ``count_transforms`` reflections (``input_dim >= 2``;
+    default ``max(1, input_dim // 2)``, Pyro's)."""
+    if count_transforms is None and isinstance(input_dim, int):
+        count_transforms = max(1, input_dim // 2)
     return Householder(input_dim, count_transforms)
 
 
-def conditional_householder(input_dim: int, context_dim: int, count_transforms: int = 1,
-                            hidden: Sequence[int] = (64, 64)) -> ConditionalHouseholder:
-    """A :class:`ConditionalHouseholder` flow (``input_dim >= 2``)."""
-    return ConditionalHouseholder(input_dim, context_dim, count_transforms, hidden)
+def conditional_householder(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                            count_transforms: int = 1) -> ConditionalHouseholder:
+    """A :class:`ConditionalHouseholder` flow (``input_dim >= 2``); ``hidden_dims`` defaults
+    to two layers of ``max(32, 10 * input_dim)``."""
+    if hidden_dims is None:
+        hidden_dims = (max(32, 10 * input_dim),) * 2 if isinstance(input_dim, int) else (64, 64)
+    return ConditionalHouseholder(input_dim, context_dim, count_transforms, hidden_dims)
 
 
 def dense(input_dim: int) -> Dense:

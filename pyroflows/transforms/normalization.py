@@ -167,6 +167,6 @@ def actnorm(input_dim: int) -> ActNorm:
     return ActNorm(input_dim)
 
 
-def batchnorm(input_dim: int, momentum: float = 0.1, epsilon: float = 1e-5) -> BatchNorm:
+def batchnorm(input_dim: int, *, momentum: float = 0.1, epsilon: float = 1e-5) -> BatchNorm:
     """A :class:`BatchNorm` flow layer (batch statistics in train mode, running ones in eval)."""
     return BatchNorm(input_dim, momentum, epsilon)

@@ -168,13 +168,13 @@ class ConditionalPlanar(_Flat, _PlanarMath, ConditionalBijector):
     __doc__ = ("Amortized planar flow: :math:`(u, w, b) = \\theta_0 + \\mathrm{MLP}(\\text{context})`."
                + _PLANAR_DOC)
 
-    def __init__(self, input_dim: int, context_dim: int, hidden: Sequence[int] = (64,),
+    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,),
                  tol: float | None = None, max_iter: int = 100):
         super().__init__()
         self.event_shape = (check_input_dim(input_dim),)
         self.tol, self.max_iter = tol, max_iter
         bound = input_dim ** -0.5
-        self._init_theta(torch.empty(2 * input_dim + 1).uniform_(-bound, bound), context_dim, hidden)
+        self._init_theta(torch.empty(2 * input_dim + 1).uniform_(-bound, bound), context_dim, hidden_dims)
 
 
 # ----------------------------------------------------------------------------
@@ -245,11 +245,11 @@ class ConditionalRadial(_Flat, _RadialMath, ConditionalBijector):
     __doc__ = ("Amortized radial flow: :math:`(z_0, a, b) = \\theta_0 + \\mathrm{MLP}(\\text{context})`."
                + _RADIAL_DOC)
 
-    def __init__(self, input_dim: int, context_dim: int, hidden: Sequence[int] = (64,)):
+    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int] = (64,)):
         super().__init__()
         self.event_shape = (check_input_dim(input_dim),)
         bound = input_dim ** -0.5
-        self._init_theta(torch.empty(input_dim + 2).uniform_(-bound, bound), context_dim, hidden)
+        self._init_theta(torch.empty(input_dim + 2).uniform_(-bound, bound), context_dim, hidden_dims)
 
 
 # ----------------------------------------------------------------------------
@@ -390,11 +390,11 @@ class ConditionalSylvester(_Flat, _SylvesterMath, ConditionalBijector):
 
     def __init__(self, input_dim: int, context_dim: int, num_vectors: int | None = None,
                  variant: str = "orthogonal", num_reflections: int | None = None, flip: bool = False,
-                 hidden: Sequence[int] = (64,), tol: float | None = None, max_iter: int = 100):
+                 hidden_dims: Sequence[int] = (64,), tol: float | None = None, max_iter: int = 100):
         super().__init__()
         self.tol, self.max_iter = tol, max_iter
         theta0 = self._setup(input_dim, num_vectors, variant, num_reflections, flip)
-        self._init_theta(theta0, context_dim, hidden)
+        self._init_theta(theta0, context_dim, hidden_dims)
 
 
 # ----------------------------------------------------------------------------
@@ -405,9 +405,10 @@ def planar(input_dim: int) -> Planar:
     return Planar(input_dim)
 
 
-def conditional_planar(input_dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> ConditionalPlanar:
+def conditional_planar(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+                       ) -> ConditionalPlanar:
     """A :class:`ConditionalPlanar` layer whose ``(u, w, b)`` come from the context."""
-    return ConditionalPlanar(input_dim, context_dim, hidden)
+    return ConditionalPlanar(input_dim, context_dim, (64,) if hidden_dims is None else hidden_dims)
 
 
 def radial(input_dim: int) -> Radial:
@@ -415,18 +416,38 @@ def radial(input_dim: int) -> Radial:
     return Radial(input_dim)
 
 
-def conditional_radial(input_dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> ConditionalRadial:
+def conditional_radial(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+                       ) -> ConditionalRadial:
     """A :class:`ConditionalRadial` layer whose ``(z0, alpha, beta)`` come from the context."""
-    return ConditionalRadial(input_dim, context_dim, hidden)
+    return ConditionalRadial(input_dim, context_dim, (64,) if hidden_dims is None else hidden_dims)
 
 
-def sylvester(input_dim: int, num_vectors: int | None = None, variant: str = "orthogonal",
-              **kw) -> Sylvester:
-    """A :class:`Sylvester` layer (``variant``: orthogonal, householder or triangular)."""
-    return Sylvester(input_dim, num_vectors, variant, **kw)
+def _pyro_count(input_dim, count_transforms, variant):
+    if variant != "householder":
+        if count_transforms is not None:
+            raise ValueError(f"count_transforms (Householder reflections) applies to variant='householder' "
+                             f"only, got variant={variant!r}")
+        return None
+    if count_transforms is None and isinstance(input_dim, int):
+        return input_dim // 2 + 1
+    return count_transforms
 
 
-def conditional_sylvester(input_dim: int, context_dim: int, num_vectors: int | None = None,
-                          variant: str = "orthogonal", **kw) -> ConditionalSylvester:
-    """A :class:`ConditionalSylvester` layer whose parameters all come from the context."""
-    return ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw)
+def sylvester(input_dim: int, count_transforms: int | None = None, *, variant: str = "householder",
+              num_vectors: int | None = None, **kw) -> Sylvester:
+    """Pyro's ``sylvester``: a :class:`Sylvester` layer whose :math:`Q` is a product of
+    ``count_transforms`` Householder reflections (default ``input_dim // 2 + 1``, Pyro's).
+    ``variant="orthogonal"`` (with ``num_vectors``) or ``"triangular"`` pick the other
+    constructions of van den Berg et al. (2018)."""
+    count = _pyro_count(input_dim, count_transforms, variant)
+    return Sylvester(input_dim, num_vectors, variant, num_reflections=count, **kw)
+
+
+def conditional_sylvester(input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
+                          count_transforms: int | None = None, *, variant: str = "householder",
+                          num_vectors: int | None = None, **kw) -> ConditionalSylvester:
+    """A :class:`ConditionalSylvester` layer whose parameters all come from the context
+    (arguments as in :func:`sylvester`)."""
+    count = _pyro_count(input_dim, count_transforms, variant)
+    return ConditionalSylvester(input_dim, context_dim, num_vectors, variant, num_reflections=count,
+                                hidden_dims=(64,) if hidden_dims is None else hidden_dims, **kw)

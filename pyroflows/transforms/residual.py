@@ -128,12 +128,12 @@ class ReversibleResidual(Bijector):
     Args:
         input_dim: :math:`D \ge 2` (a half cannot be empty).
         num_blocks: depth of the stack.
-        hidden: hidden widths of each :math:`F` and :math:`G`.
+        hidden_dims: hidden widths of each :math:`F` and :math:`G`.
         activation: activation class of the MLPs.
         memory_saving: recompute activations in the backward pass.
     """
 
-    def __init__(self, input_dim: int, num_blocks: int = 1, hidden: Sequence[int] = (64,),
+    def __init__(self, input_dim: int, num_blocks: int = 1, hidden_dims: Sequence[int] = (64,),
                  activation: type[nn.Module] = nn.ReLU, memory_saving: bool = False,
                  cache_size: int = 1):
         super().__init__(cache_size=cache_size)
@@ -144,7 +144,7 @@ class ReversibleResidual(Bijector):
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.event_shape = (input_dim,)
         d1 = input_dim // 2
-        self.blocks = nn.ModuleList(_RevBlock(d1, input_dim - d1, hidden, activation) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(_RevBlock(d1, input_dim - d1, hidden_dims, activation) for _ in range(num_blocks))
         self.memory_saving = memory_saving
 
     def _run(self, x, reverse: bool):
@@ -237,7 +237,7 @@ class InvertibleResidual(Bijector):
 
     Args:
         input_dim: :math:`D`.
-        hidden: hidden widths of :math:`g`.
+        hidden_dims: hidden widths of :math:`g`.
         coeff: spectral-norm bound :math:`c \in (0, 1)` of each linear layer.
         log_det: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
         cheap: ``"inverse"`` (default) or ``"forward"``: which direction is explicit.
@@ -249,7 +249,7 @@ class InvertibleResidual(Bijector):
         activation: 1-Lipschitz activation class (default LipSwish).
     """
 
-    def __init__(self, input_dim: int, hidden: Sequence[int] = (32, 32), coeff: float = 0.9,
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (32, 32), coeff: float = 0.9,
                  log_det: str = "auto", cheap: str = "inverse", n_terms: int = 5, n_exact_terms: int = 2,
                  geom_p: float = 0.5, n_samples: int = 1, tol: float | None = None, max_iter: int = 500,
                  activation: type[nn.Module] = LipSwish, cache_size: int = 1):
@@ -268,7 +268,7 @@ class InvertibleResidual(Bijector):
         if tol is not None and not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
         self.event_shape = (input_dim,)
-        self.g = LipschitzMLP(input_dim, input_dim, hidden, coeff, activation)
+        self.g = LipschitzMLP(input_dim, input_dim, hidden_dims, coeff, activation)
         if log_det == "auto":
             log_det = "exact" if input_dim <= 3 else "roulette"
         self.log_det, self.cheap = log_det, cheap
@@ -438,13 +438,13 @@ class _ImplicitInverse(torch.autograd.Function):
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def reversible_residual(input_dim: int, num_blocks: int = 1, hidden: Sequence[int] = (64,),
+def reversible_residual(input_dim: int, hidden_dims: Sequence[int] = (64,), *, num_blocks: int = 1,
                         memory_saving: bool = False) -> ReversibleResidual:
     """A :class:`ReversibleResidual` stack (``ValueError`` for ``input_dim < 2``)."""
-    return ReversibleResidual(input_dim, num_blocks, hidden, memory_saving=memory_saving)
+    return ReversibleResidual(input_dim, num_blocks, hidden_dims, memory_saving=memory_saving)
 
 
-def invertible_residual(input_dim: int, hidden: Sequence[int] = (32, 32), coeff: float = 0.9,
+def invertible_residual(input_dim: int, hidden_dims: Sequence[int] = (32, 32), *, coeff: float = 0.9,
                         log_det: str = "auto", **kw) -> InvertibleResidual:
     """An :class:`InvertibleResidual` block (exact log-det for D <= 3, Russian roulette above)."""
-    return InvertibleResidual(input_dim, hidden, coeff, log_det, **kw)
+    return InvertibleResidual(input_dim, hidden_dims, coeff, log_det, **kw)

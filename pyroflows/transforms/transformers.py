@@ -26,6 +26,7 @@ __all__ = [
     "Affine",
     "CubicSpline",
     "Inverted",
+    "LinearRationalSpline",
     "LogisticMixtureCDF",
     "PiecewiseLinear",
     "PiecewiseQuadratic",
@@ -33,6 +34,7 @@ __all__ = [
     "SinhArcsinh",
     "Transformer",
     "make_transformer",
+    "spline_kind",
 ]
 
 
@@ -80,6 +82,13 @@ class Affine(Transformer):
     def _shift_log_scale(self, params):
         shift, raw = params.unbind(-1)
         return shift, soft_clamp(raw, self.log_scale_bound)
+
+    def params_for(self, shift: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        """The parameters (shape ``(..., 2)``) of the map :math:`e^{s} x + t`: the inverse of
+        the soft clamp, with :math:`|s|` capped at 0.99 of the bound (the clamp never reaches it)."""
+        b = self.log_scale_bound
+        s = torch.as_tensor(log_scale, dtype=shift.dtype, device=shift.device).clamp(-0.99 * b, 0.99 * b)
+        return torch.stack(torch.broadcast_tensors(shift, b * torch.atanh(s / b)), -1)
 
     def forward(self, x, params):
         shift, log_scale = self._shift_log_scale(params)
@@ -511,7 +520,7 @@ class RationalQuadraticSpline(_Spline):
         K = self.bins
         if K == 1:  # a single bin with end derivatives 1 is the identity
             one = torch.ones_like(z)
-            return 0 * one, 0 * one, one, one, one, one, one
+            return 0 * one, 0 * one, one, one, one, one, one, torch.zeros_like(z, dtype=torch.long)
         # widths and heights together: one softmax, one cumsum, one gather
         logits, raw_d = params.split((2 * K, K - 1), dim=-1)  # split: one concatenation in backward
         edges = _right_edges(logits.unflatten(-1, (2, K)))  # (..., 2, K): widths and heights together
@@ -522,10 +531,10 @@ class RationalQuadraticSpline(_Spline):
         x0, x1 = _fill_ends(knots[..., 0, 0], knots[..., 0, 1], ends, 0.0, 1.0)
         y0, y1 = _fill_ends(knots[..., 1, 0], knots[..., 1, 1], ends, 0.0, 1.0)
         raw = _take(raw_d, pair.clamp(max=K - 2))
-        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, torch.tensor(2.0)))).unbind(-1)
+        d0, d1 = (MIN_DERIVATIVE + (0.5 - 0.5 * MIN_DERIVATIVE) * (raw + torch.hypot(raw, raw.new_full((), 2.0)))).unbind(-1)
         d0, d1 = _fill_ends(d0, d1, ends, 1.0, 1.0)
         w, h = x1 - x0, y1 - y0
-        return x0, y0, w, h, h / w, d0, d1
+        return x0, y0, w, h, h / w, d0, d1, idx
 
     @staticmethod
     def _log_derivative(xi, s, d0, d1):
@@ -535,20 +544,98 @@ class RationalQuadraticSpline(_Spline):
         return 2 * torch.log(s / den) + torch.log(d1 * xi * xi + 2 * s * xo + d0 * om * om)
 
     def _forward_unit(self, u, params):
-        x0, y0, w, h, s, d0, d1 = self._local(u, params, False)
+        x0, y0, w, h, s, d0, d1, _ = self._local(u, params, False)
         xi = (u - x0) / w
         xo = xi * (1 - xi)
         y = y0 + h * (s * xi * xi + d0 * xo) / (s + (d0 + d1 - 2 * s) * xo)
         return y, self._log_derivative(xi, s, d0, d1)
 
     def _inverse_unit(self, v, params):
-        x0, y0, w, h, s, d0, d1 = self._local(v, params, True)
+        x0, y0, w, h, s, d0, d1, _ = self._local(v, params, True)
         dy = (v - y0).clamp(min=0.0)
         k = (d0 + d1 - 2 * s) * dy
         b = h * d0 - k
         disc = (b * b + 4 * (h * (s - d0) + k) * s * dy).clamp(min=0.0)
         xi = 2 * s * dy / (b + torch.sqrt(disc))
         return x0 + w * xi, self._log_derivative(xi, s, d0, d1)
+
+
+def _clamp_min_keep_grad(v: torch.Tensor) -> torch.Tensor:
+    """``max(v, 0)`` in value with the gradient of ``v``: for quantities that are
+    non-negative in exact arithmetic and only dip below 0 by rounding (at a knot)."""
+    return v + (v.clamp(min=0.0) - v).detach()
+
+
+#: Smallest split point of a linear rational spline bin (Pyro's ``min_lambda``).
+MIN_LAMBDA = 0.025
+
+
+class LinearRationalSpline(RationalQuadraticSpline):
+    r"""Monotone linear rational spline on :math:`[-B, B]` (identity outside): Pyro's
+    ``order="linear"`` spline (Dolatabadi et al., "Invertible Generative Modeling using
+    Linear Rational Splines", AISTATS 2020).
+
+    Knots and knot derivatives :math:`d_k` as in :class:`RationalQuadraticSpline`
+    (end derivatives 1), plus a split point :math:`\lambda_k \in (0.025, 0.975)`
+    per bin.  With :math:`w_b = \sqrt{d_k/d_{k+1}}`,
+    :math:`w_c = (\lambda d_k + (1-\lambda) w_b d_{k+1})/s_k` and the middle value
+    :math:`y_c = ((1-\lambda) y_k + \lambda w_b y_{k+1}) / ((1-\lambda) + \lambda w_b)`,
+    in bin :math:`k` with :math:`\xi = (x - x_k)/w_k`:
+
+    .. math::
+
+        g = \frac{y_k(\lambda-\xi) + w_c y_c \xi}{(\lambda-\xi) + w_c\xi}\ (\xi \le \lambda),
+        \qquad
+        g = \frac{w_c y_c (1-\xi) + w_b y_{k+1}(\xi-\lambda)}{w_c(1-\xi) + w_b(\xi-\lambda)}
+        \ (\xi > \lambda),
+
+    each piece a linear rational function, so both directions are closed-form
+    and cost the same.  Params: ``K`` width, ``K`` height, ``K - 1`` derivative
+    and ``K`` split logits (``4K - 1``); zeros are the identity.
+    """
+
+    def __init__(self, bins: int = 8, bound: float = 5.0):
+        super().__init__(bins, bound)
+        self.num_params = 4 * self.bins - 1
+
+    def _pieces(self, z, params, inverse: bool):
+        K = self.bins
+        x0, y0, w, h, s, d0, d1, idx = self._local(z, params[..., : 3 * K - 1], inverse)
+        raw = _take(params[..., 3 * K - 1:], idx.unsqueeze(-1)).squeeze(-1)
+        lam = MIN_LAMBDA + (1 - 2 * MIN_LAMBDA) * torch.sigmoid(raw)
+        wb = torch.sqrt(d0 / d1)
+        wc = (lam * d0 + (1 - lam) * wb * d1) / s
+        # the rises y_c - y_k and y_{k+1} - y_c in closed form (their difference of
+        # nearby values would round to 0 in float32 for extreme parameters)
+        den = (1 - lam) + lam * wb
+        return x0, y0, w, lam, wb, wc, h * lam * wb / den, h * (1 - lam) / den
+
+    @staticmethod
+    def _log_derivative(xi, w, lam, wb, wc, rise_l, rise_r):
+        xl, xr = torch.minimum(xi, lam), torch.maximum(xi, lam)  # each piece on its own side: finite
+        ld_left = torch.log(wc * lam) + torch.log(rise_l) - 2 * torch.log((lam - xl) + wc * xl)
+        ld_right = (torch.log(wb * wc * (1 - lam)) + torch.log(rise_r)
+                    - 2 * torch.log(wc * (1 - xr) + wb * (xr - lam)))
+        return torch.where(xi <= lam, ld_left, ld_right) - torch.log(w)
+
+    def _forward_unit(self, u, params):
+        x0, y0, w, lam, wb, wc, rise_l, rise_r = self._pieces(u, params, False)
+        xi = ((u - x0) / w).clamp(0.0, 1.0)
+        xl, xr = torch.minimum(xi, lam), torch.maximum(xi, lam)
+        g_left = y0 + wc * xl * rise_l / ((lam - xl) + wc * xl)
+        g_right = (y0 + rise_l + rise_r) - wc * (1 - xr) * rise_r / (wc * (1 - xr) + wb * (xr - lam))
+        y = torch.where(xi <= lam, g_left, g_right)
+        return y, self._log_derivative(xi, w, lam, wb, wc, rise_l, rise_r)
+
+    def _inverse_unit(self, v, params):
+        x0, y0, w, lam, wb, wc, rise_l, rise_r = self._pieces(v, params, True)
+        a = _clamp_min_keep_grad(v - y0)  # height above y_k
+        al, c = torch.minimum(a, rise_l), _clamp_min_keep_grad(a - rise_l)
+        e = _clamp_min_keep_grad(rise_r - c)  # height below y_{k+1}
+        xi_left = lam * al / (wc * (rise_l - al) + al)
+        xi_right = (wc * c + lam * wb * e) / (wc * c + wb * e)
+        xi = torch.where(a <= rise_l, xi_left, xi_right)
+        return x0 + w * xi, self._log_derivative(xi, w, lam, wb, wc, rise_l, rise_r)
 
 
 class LogisticMixtureCDF(Transformer):
@@ -716,12 +803,9 @@ class SinhArcsinh(Transformer):
         return f"SinhArcsinh(max_tail={self.max_tail}, max_skew={self.max_skew})"
 
 
-#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  The helpers
-#: that take a ``kind=`` argument (``elementwise``, ``spline_coupling``,
-#: ``masked_autoregressive``, ``inverse_autoregressive`` and their conditional
-#: twins) look it up here, and the test harness runs every kind with each of
-#: them.  ``spline_autoregressive`` keeps Pyro's signature and always uses the
-#: default spline; another kind in that structure is ``masked_autoregressive``.
+#: Transformer kinds by name: ``kind -> factory(bins, bound)``.  Structures
+#: (``elementwise``, ``spline_coupling``, ``masked_autoregressive``, ...) take a
+#: ``kind=`` argument looked up here, and the test harness runs every kind.
 KINDS = {
     "affine": lambda bins, bound: Affine(),
     "additive": lambda bins, bound: Additive(),
@@ -729,6 +813,7 @@ KINDS = {
     "piecewise_quadratic": lambda bins, bound: PiecewiseQuadratic(bins, bound),
     "cubic_spline": lambda bins, bound: CubicSpline(bins, bound),
     "rq_spline": lambda bins, bound: RationalQuadraticSpline(bins, bound),
+    "lr_spline": lambda bins, bound: LinearRationalSpline(bins, bound),
     "logistic_mixture": lambda bins, bound: LogisticMixtureCDF(bins),
     "sinh_arcsinh": lambda bins, bound: SinhArcsinh(),
 }
@@ -743,6 +828,18 @@ def make_transformer(kind: str | Transformer, bins: int = 8, bound: float = 5.0)
     except KeyError:
         raise ValueError(f"unknown transformer kind {kind!r}; choose one of {sorted(KINDS)}") from None
     return factory(bins, bound)
+
+
+#: Pyro's spline ``order`` names and the transformer kind each one means.
+SPLINE_ORDERS = {"linear": "lr_spline", "quadratic": "rq_spline"}
+
+
+def spline_kind(order: str) -> str:
+    """The transformer kind of Pyro's spline ``order`` (``"linear"`` or ``"quadratic"``)."""
+    try:
+        return SPLINE_ORDERS[order]
+    except (KeyError, TypeError):
+        raise ValueError(f"order must be one of {sorted(SPLINE_ORDERS)}, got {order!r}") from None
 
 
 class Inverted(Transformer):
