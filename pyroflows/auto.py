@@ -173,7 +173,7 @@ def auto_flow(input_dim: int, *, num_layers: int = 2, hidden_dims=(16,), count_b
         raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
     layers = []
     if num_layers > 0 and input_dim > 1:
-        layers = list(flows.nsf(input_dim, num_layers=num_layers, hidden=tuple(hidden_dims), bins=count_bins,
+        layers = list(flows.nsf(input_dim, num_layers=num_layers, hidden_dims=tuple(hidden_dims), count_bins=count_bins,
                                 bound=bound).transforms)
     stage = Triangular(input_dim)
     stage.requires_grad_(False)

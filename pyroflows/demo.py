@@ -170,7 +170,7 @@ def demo_svi_guide(ctx: DemoContext) -> SectionResult:
     steps = ctx.size(300, 200)
     rows, guides = [], {}
     for name, make in [("AutoNormal (Pyro)", lambda: AutoNormal(_funnel_2d)),
-                       ("AutoFlow", lambda: AutoFlow(_funnel_2d, hidden=(32, 32)))]:
+                       ("AutoFlow", lambda: AutoFlow(_funnel_2d, hidden_dims=(32, 32)))]:
         pyro.set_rng_seed(ctx.seed)
         guide = make()
         t0 = time.perf_counter()

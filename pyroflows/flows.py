@@ -242,11 +242,11 @@ def elementwise_flow(input_dim: int, *, kind: str | None = None, num_layers: int
     kind = kind or best_elementwise_kind()
     stack, inverted = [], []
     for _ in range(num_layers):
-        layer = elementwise(input_dim, kind, count_bins, bound)
+        layer = elementwise(input_dim, kind=kind, count_bins=count_bins, bound=bound)
         if kind in NORMALIZING_DIRECTION_KINDS:
             inverted.append(layer)
             layer = layer.inv
-        stack += [elementwise(input_dim, "affine"), layer]
+        stack += [elementwise(input_dim, kind="affine"), layer]
     flow = Flow(stack, event_shape=(input_dim,))
     if inverted:
         flow.inverted = nn.ModuleList(inverted)  # Pyro's .inv wrapper is not a module

@@ -175,7 +175,7 @@ def test_16_3_inverse_jacobian_is_the_reversed_product_of_layer_inverses():
     # and |d f^{-1}/dx| = prod_k |d f_k^{-1}/d h_k| = prod_k |d f_k / d h_{k-1}|^{-1}, the reciprocal of
     # eq. 16.7; log Pr(x) = log Pr(z) + sum_k log |d f_k^{-1}/d h_k| (eq. 16.8 sums its negative).
     torch.manual_seed(0)
-    layers = [T.lu(3).double(), T.spline_coupling(3).double(), T.leaky_relu(3).double(),
+    layers = [T.lu(3).double(), T.spline_coupling(3).double(), T.elementwise(3, kind="rq_spline").double(),
               T.masked_autoregressive(3).double()]
     _perturbed(layers)
     flow = Flow(layers).double()
@@ -455,7 +455,7 @@ def test_eq_16_12_piecewise_linear_is_continuous_with_zero_based_bins():
     # [0, 1] onto [0, 1].  Mixing a 1-based b = floor(K h) + 1 with that fraction makes it negative.
     K = 4
     q = _t([0.1, 0.2, 0.3, 0.4])
-    layer = T.piecewise_linear(1, K).double()
+    layer = T.piecewise_linear(1, count_bins=K).double()
     with torch.no_grad():
         layer.params.copy_(((q - MIN_BIN_SIZE) / (1 - K * MIN_BIN_SIZE)).log().unsqueeze(0))
     cum = torch.cat([torch.zeros(1, dtype=f64), q.cumsum(0)])
