@@ -50,7 +50,9 @@ class Flow(nn.Module):
 
     ``flow()`` returns the distribution, ``flow(context)`` the distribution
     conditioned on ``context`` (of shape ``(..., context_dim)``, which sets the
-    batch shape).  ``log_prob``, ``sample`` and ``rsample`` are shortcuts.
+    batch shape), and ``flow(context, base=q0)`` (or ``flow(base=q0)``) the same
+    layers over the base ``q0`` given for this call (an encoder's per-datum
+    Gaussian: the amortized VAE posterior).  ``log_prob``, ``sample`` and ``rsample`` are shortcuts.
     """
 
     def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None):
@@ -114,8 +116,15 @@ class Flow(nn.Module):
             d = d.expand(torch.Size(batch_shape))
         return d
 
-    def forward(self, context: torch.Tensor | None = None):
-        """The flow's distribution, conditioned on ``context`` if given."""
+    def forward(self, context: torch.Tensor | None = None, *, base=None):
+        """The flow's distribution, conditioned on ``context`` if given.
+
+        ``base`` (a Pyro distribution with this flow's event shape) replaces the
+        flow's own base for this call only: ``flow(h, base=q0)`` is the amortized
+        VAE posterior whose base ``q0 = Normal(loc(x), scale(x)).to_event(1)``
+        comes from an encoder and whose layers are conditioned on the encoder's
+        ``h``.  The batch shapes of ``base`` and ``context`` broadcast.
+        """
         if self.is_conditional:
             if context is None:
                 raise ValueError(
@@ -124,13 +133,31 @@ class Flow(nn.Module):
             context = self._check_context(context)
             transforms = [t.condition(context) if isinstance(t, ConditionalTransform) else t
                           for t in self._all_transforms]
-            base = self.base_distribution(context.shape[:-1])
+            batch_shape = context.shape[:-1]
         else:
             if context is not None:
                 raise ValueError("this flow is not conditional: call it without a context")
             transforms = self._all_transforms
-            base = self.base_distribution()
+            batch_shape = torch.Size()
+        if base is None:
+            base = self.base_distribution(batch_shape)
+        else:
+            base = self._call_base(base, batch_shape)
         return dist.TransformedDistribution(base, transforms)
+
+    def _call_base(self, base, batch_shape):
+        """Check a per-call base and broadcast its batch shape with the context's."""
+        if not isinstance(base, torch.distributions.Distribution):
+            raise TypeError(f"base must be a Distribution, got {type(base).__name__}")
+        if base.event_shape != self.event_shape:
+            raise ValueError(f"base has event shape {tuple(base.event_shape)} but the flow's is "
+                             f"{tuple(self.event_shape)}; use .to_event(...) on the base")
+        try:
+            shape = torch.broadcast_shapes(base.batch_shape, batch_shape)
+        except RuntimeError:
+            raise ValueError(f"the base's batch shape {tuple(base.batch_shape)} does not broadcast with "
+                             f"the context's {tuple(batch_shape)}") from None
+        return base if shape == base.batch_shape else base.expand(shape)
 
     def _check_context(self, context):
         if not isinstance(context, torch.Tensor):
