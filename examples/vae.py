@@ -57,6 +57,7 @@ def run_one(dataset, posterior, prior, seed, args, data):
               context_dim=args.context_dim)
     t0 = time.perf_counter()
     train_vae(vae, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+              kl_warmup=args.kl_warmup,
               val_data=val, eval_every=10, log_every=args.log_every)
     seconds = time.perf_counter() - t0
     r = evaluate_vae(vae, test, num_samples=args.k, chunk_size=args.chunk_size, batch_size=args.eval_batch,
@@ -110,7 +111,8 @@ def main(argv=None):
     p.add_argument("--latent", type=int, default=None)
     p.add_argument("--context-dim", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--kl-warmup", type=int, default=10, help="epochs of linear KL warm-up")
     p.add_argument("--k", type=int, default=1000, help="importance samples for the test IWAE bound")
     p.add_argument("--chunk-size", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=200)
