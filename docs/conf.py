@@ -110,6 +110,8 @@ TOUR = [
     ("16.4.3", "Approximating other density models (distillation)", ["pyroflows.infer"], None),
     ("16.5", "Variational inference with flows (SVI guides)", ["pyroflows.infer"], None),
     ("16.5", "Classic VAE posteriors: planar, radial, Sylvester", ["pyroflows.transforms.planar"], None),
+    ("16.5.3", "Flows in VAEs: encoder-driven base, flow priors, IWAE bound",
+     ["pyroflows.infer.vae", "pyroflows.infer.iwae"], "examples/vae.py"),
 ]
 
 
