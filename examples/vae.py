@@ -120,7 +120,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="digits, Gaussian vs IAF, one seed, short budget")
     p.add_argument("--out", type=Path, default=None, help="write the records as JSON lines here")
     p.add_argument("--img-dir", type=Path, default=Path("vae_img"))
+    p.add_argument("--table", type=Path, nargs="+", default=None,
+                   help="only print the markdown table of these JSON-lines result files")
     args = p.parse_args(argv)
+    if args.table:
+        print(table([json.loads(line) for f in args.table for line in f.read_text().splitlines() if line]))
+        return
     if args.quick:
         args.posteriors, args.seeds, args.k, args.prior = ["gaussian", "iaf"], args.seeds[:1], 200, "none"
     args.epochs = args.epochs or DATASETS[args.dataset][6 if args.quick else 5]

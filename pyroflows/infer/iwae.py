@@ -139,7 +139,7 @@ def per_datum_log_weights(model, guide, *args, num_samples: int = 1000, chunk_si
             _, data_dim = _data_plate(model_trace, plate_name)
         log_w = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for name, site in trace.nodes.items():
+            for site in trace.nodes.values():
                 if not _is_density_site(site):
                     continue
                 if trace is guide_trace and site["is_observed"]:

@@ -239,13 +239,13 @@ def vae_demo_section(out_dir, quick: bool = True, seed: int = 0) -> dict:
     x = binarize(load_digits())
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     train, test = x[perm[:1437]], x[perm[1437:]]
-    epochs, k = (30, 200) if quick else (100, 1000)
+    epochs, k = (15, 100) if quick else (60, 1000)
     rows, vaes = [], {}
     for kind in ("gaussian", "iaf"):
         torch.manual_seed(seed)
-        vae = VAE(64, latent_dim=16, hidden=(128, 128), posterior=kind)
+        vae = VAE(64, latent_dim=16, hidden=(64, 64), posterior=kind)
         t0 = time.perf_counter()
-        train_vae(vae, train, epochs=epochs, batch_size=64, lr=3e-3, seed=seed, kl_warmup=10)
+        train_vae(vae, train, epochs=epochs, batch_size=128, lr=5e-3, seed=seed, kl_warmup=5)
         seconds = time.perf_counter() - t0
         r = evaluate_vae(vae, test, num_samples=k, chunk_size=min(k, 200), batch_size=360, seed=seed)
         vaes[kind] = vae
