@@ -119,7 +119,7 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="digits, Gaussian vs IAF, one seed, short budget")
     p.add_argument("--out", type=Path, default=None, help="write the records as JSON lines here")
-    p.add_argument("--img-dir", type=Path, default=Path("vae_img"))
+    p.add_argument("--img-dir", type=Path, default=Path("vae_img"), help="where the PNG grids go ('' for none)")
     p.add_argument("--table", type=Path, nargs="+", default=None,
                    help="only print the markdown table of these JSON-lines result files")
     args = p.parse_args(argv)
@@ -157,18 +157,18 @@ def main(argv=None):
             record(*run_one(args.dataset, best, args.prior, seed, args, data))
 
     print(table(records))
-    side = DATASETS[args.dataset][2]
-    best_key = max(best_vae, key=lambda k: statistics.mean(r["test_iwae"] for r in records
-                                                           if (r["posterior"], r["prior"]) == k))
-    try:
-        save_pictures(best_vae[best_key], data[2], side, f"vae_{args.dataset}_{'_'.join(best_key)}",
-                      args.img_dir)
-        if ("gaussian", "normal") in best_vae and best_key != ("gaussian", "normal"):
-            save_pictures(best_vae[("gaussian", "normal")], data[2], side, f"vae_{args.dataset}_gaussian_normal",
-                          args.img_dir)
-        print(f"pictures in {args.img_dir}/")
-    except ImportError as e:
-        print(f"skipping pictures ({e})")
+    if str(args.img_dir) not in ("", "."):
+        side = DATASETS[args.dataset][2]
+        best_key = max(best_vae, key=lambda k: statistics.mean(r["test_iwae"] for r in records
+                                                               if (r["posterior"], r["prior"]) == k))
+        keys = [best_key] + [("gaussian", "normal")] * (("gaussian", "normal") in best_vae
+                                                        and best_key != ("gaussian", "normal"))
+        try:
+            for key in keys:
+                save_pictures(best_vae[key], data[2], side, f"vae_{args.dataset}_{'_'.join(key)}", args.img_dir)
+            print(f"pictures in {args.img_dir}/")
+        except ImportError as e:
+            print(f"skipping pictures ({e})")
     if out:
         out.close()
 

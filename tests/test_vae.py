@@ -210,3 +210,20 @@ def test_global_latents_are_rejected():
         iwae_bound(model, guide, torch.zeros(4), num_samples=2)
     with pytest.raises(ValueError, match="num_samples"):
         iwae_bound(lg_model, lg_exact_guide, _data(4), num_samples=0)
+
+
+def test_example_vae_runs(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "example_vae", Path(__file__).resolve().parents[1] / "examples" / "vae.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "r.jsonl"
+    example.main(["--epochs", "1", "--k", "4", "--posteriors", "iaf", "--seeds", "0",
+                  "--out", str(out), "--img-dir", ""])
+    records = [line for line in out.read_text().splitlines() if line]
+    assert len(records) == 2  # the posterior, then the flow prior with it
+    assert "| digits | iaf | realnvp | 1 |" in capsys.readouterr().out
