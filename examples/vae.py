@@ -106,6 +106,8 @@ def main(argv=None):
                    default=["gaussian", "planar", "sylvester", "iaf", "nsf"])
     p.add_argument("--prior", default="realnvp", choices=["realnvp", "none"],
                    help="learned prior run with the best flow posterior ('none' skips it)")
+    p.add_argument("--prior-with", choices=POSTERIORS, default=None,
+                   help="run only the flow prior, with this posterior (skips the posterior comparison)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--latent", type=int, default=None)
@@ -146,6 +148,10 @@ def main(argv=None):
         if rec["seed"] == args.seeds[0]:
             best_vae[key] = vae
 
+    if args.prior_with:
+        args.posteriors = []
+        for seed in args.seeds:
+            record(*run_one(args.dataset, args.prior_with, args.prior, seed, args, data))
     for posterior in args.posteriors:
         for seed in args.seeds:
             record(*run_one(args.dataset, posterior, "normal", seed, args, data))
