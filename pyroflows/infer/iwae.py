@@ -32,7 +32,7 @@ couple the data and has no per-datum bound (a ``ValueError`` says so).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -46,7 +46,8 @@ __all__ = ["IWAEResult", "elbo_per_datum", "iwae_bound", "iwae_bounds", "per_dat
 _PARTICLES = "_iwae_particles"
 
 
-class IWAEResult(NamedTuple):
+@dataclass(frozen=True)
+class IWAEResult:
     """Per-datum bounds from one set of importance weights.
 
     Attributes:
