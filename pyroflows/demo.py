@@ -257,10 +257,17 @@ def demo_distillation(ctx: DemoContext) -> SectionResult:
     return res
 
 
+def demo_vae(ctx: DemoContext) -> SectionResult:
+    """A VAE on binarised digits with a flow posterior over the encoder's Gaussian (test ELBO and IWAE)."""
+    from .infer.vae import vae_demo_section
+
+    return SectionResult(**vae_demo_section(ctx.out, quick=ctx.quick, seed=ctx.seed))
+
+
 #: The demo's sections, in order: each a function ``DemoContext -> SectionResult``.
 #: A new section (e.g. a VAE) is a function appended here.
 SECTIONS: list[Callable[[DemoContext], SectionResult]] = [demo_density_1d, demo_density_2d,
-                                                           demo_svi_guide, demo_distillation]
+                                                           demo_svi_guide, demo_distillation, demo_vae]
 
 
 def _fmt(v):
