@@ -150,9 +150,21 @@ class Flow(nn.Module):
         return self.layers
 
     def _base_for(self, context, base):
-        if base is not None:
-            return base
-        return self.base_distribution(context.shape[:-1] if context is not None else ())
+        batch_shape = context.shape[:-1] if context is not None else torch.Size()
+        if base is None:
+            return self.base_distribution(batch_shape)
+        # a per-call base (an encoder's Gaussian): checked, and broadcast with the context's batch shape
+        if not isinstance(base, torch.distributions.Distribution):
+            raise TypeError(f"base must be a Distribution, got {type(base).__name__}")
+        if base.event_shape != self.event_shape:
+            raise ValueError(f"base has event shape {tuple(base.event_shape)} but the flow's is "
+                             f"{tuple(self.event_shape)}; use .to_event(...) on the base")
+        try:
+            shape = torch.broadcast_shapes(base.batch_shape, batch_shape)
+        except RuntimeError:
+            raise ValueError(f"the base's batch shape {tuple(base.batch_shape)} does not broadcast with "
+                             f"the context's {tuple(batch_shape)}") from None
+        return base if shape == base.batch_shape else base.expand(shape)
 
     def forward(self, context: torch.Tensor | None = None, *, base=None):
         """The flow's distribution, conditioned on ``context`` if given, over ``base`` if given."""
