@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import constraints
 from torch.distributions.utils import _sum_rightmost
@@ -96,8 +97,10 @@ class Flow(nn.Module):
         super().__init__()
         if isinstance(transforms, Flow):
             transforms, base = transforms.transforms, transforms.base if base is None else base
-        elif not isinstance(transforms, (list, tuple, nn.ModuleList)):
+        elif isinstance(transforms, (torch.distributions.Transform, ConditionalTransform, nn.Module)) and not \
+                isinstance(transforms, nn.ModuleList):
             transforms = [transforms]
+        transforms = list(transforms)
         if not transforms:
             raise ValueError("Flow needs at least one transform")
         self.layers = ComposedModule(transforms)
