@@ -205,14 +205,19 @@ class BlockAutoregressive(Bijector):
                 consts.append(F.linear(h[..., : d * a_in], w[rows, : d * a_in], layer.bias[rows]))
                 if i < len(self.layers) - 1:
                     h = _activate(self.activation, F.linear(h, w, layer.bias))[0]
-            diag = [(w[d * layer.out_factor:(d + 1) * layer.out_factor, d * layer.in_factor:(d + 1) * layer.in_factor],
-                     ld[d:d + 1]) for (w, ld), layer in zip(weights, self.layers)]
-            linears = [lambda u, w=w, c=c: F.linear(u, w) + c for (w, _), c in zip(diag, consts)]
-            log_diags = [ld for _, ld in diag]
+            diag = [w[d * layer.out_factor:(d + 1) * layer.out_factor, d * layer.in_factor:(d + 1) * layer.in_factor]
+                    for (w, _), layer in zip(weights, self.layers)]
 
-            def g(u, linears=linears, log_diags=log_diags):
-                f, log_j = self._stack(u.unsqueeze(-1), linears, log_diags)
-                value, log_j = self._residual(u, f[..., 0], log_j[..., 0])
+            def g(u, diag=diag, consts=consts):
+                # y_d and dy_d/dx_d by forward-mode through the diagonal blocks (cheaper than
+                # the log-space chain; the solver only needs the derivative for its Newton steps)
+                h, dh = u.unsqueeze(-1), torch.ones_like(u).unsqueeze(-1)
+                for i, (w, c) in enumerate(zip(diag, consts)):
+                    h, dh = F.linear(h, w) + c, F.linear(dh, w)
+                    if i < len(diag) - 1:
+                        h, log_act = _activate(self.activation, h)
+                        dh = dh * torch.exp(log_act)
+                value, log_j = self._residual(u, h[..., 0], torch.log(dh[..., 0]))
                 return value, torch.exp(log_j)
 
             # the image of x_d -> y_d is the open interval between its limits at -inf and +inf
