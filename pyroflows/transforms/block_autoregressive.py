@@ -135,7 +135,7 @@ class BlockAutoregressive(Bijector):
     the inverse is :math:`D` sequential scalar root-finds, each costing only
     the diagonal blocks.
 
-    Args (Pyro's):
+    Args:
         input_dim: :math:`D`.
         hidden_factors: hidden layer :math:`\ell` has ``hidden_factors[l]``
             units per input dimension (:math:`a` and :math:`b` in the paper).

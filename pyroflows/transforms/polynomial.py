@@ -39,7 +39,7 @@ class Polynomial(InverseAutoregressive):
     passes with a root-finder.  The MADE starts at zero, so the layer starts
     at the transformer's identity.
 
-    Args (Pyro's):
+    Args:
         autoregressive_nn: a :class:`~pyroflows.nn.MADE` with ``num_params =
             count_sum * (count_degree + 1) + 1`` (the last one is :math:`c_d`,
             a free parameter per dimension in Pyro).
