@@ -701,17 +701,26 @@ class DeepSigmoid(Transformer):
         return torch.cat([a, torch.zeros(2 * self.width)])
 
     def _parts(self, params):
+        """``(a, log a, log w, b, mu, log s)``; the last two (the logistic-mixture form of the
+        sigmoid and tanh maps) are computed once here, not on every solver step."""
         K = self.width
         a = F.softplus(params[..., :K])
-        return a, torch.log(a), torch.log_softmax(params[..., K:2 * K], dim=-1), params[..., 2 * K:]
+        log_a, b = torch.log(a), params[..., 2 * K:]
+        log_w = torch.log_softmax(params[..., K:2 * K], dim=-1)
+        if self.activation == "sigmoid":
+            return a, log_a, log_w, b, -b / a, -log_a
+        if self.activation == "tanh":  # tanh z = 2 sigma(2z) - 1: the mixture at 2z
+            return a, log_a, log_w, b, -b / a, -log_a - math.log(2.0)
+        return a, log_a, log_w, b, None, None
 
-    def _eval(self, x, a, log_a, log_w, b):
+    def _eval(self, x, a, log_a, log_w, b, mu, log_s):
         """``(g(x), log g'(x))`` elementwise."""
-        if self.activation in ("sigmoid", "tanh"):
-            scale = 1.0 if self.activation == "sigmoid" else 2.0
-            # sigma(a x + b) = logistic CDF at x with mu = -b / a, s = 1 / (scale a)
-            value, log_d = LogisticMixtureCDF._eval(x, log_w, -b / a, -log_a - math.log(scale))
-            return value / scale, log_d - math.log(scale)
+        if self.activation == "sigmoid":
+            # sigma(a x + b) = logistic CDF at x with mu = -b / a, s = 1 / a
+            return LogisticMixtureCDF._eval(x, log_w, mu, log_s)
+        if self.activation == "tanh":  # atanh(2F - 1) = logit(F) / 2
+            value, log_d = LogisticMixtureCDF._eval(x, log_w, mu, log_s)
+            return 0.5 * value, log_d - math.log(2.0)
         z = a * x.unsqueeze(-1) + b
         if self.activation == "ELU":
             mean = (log_w.exp() * torch.where(z > 0, z, torch.expm1(z.clamp(max=0.0)))).sum(-1)
@@ -730,16 +739,17 @@ class DeepSigmoid(Transformer):
         return self._eval(x, *self._parts(params))
 
     def inverse(self, y, params):
-        a, log_a, log_w, b = self._parts(params)
+        parts = self._parts(params)
+        a, _, log_w, b = parts[:4]
         ends = (y.unsqueeze(-1) - b) / a
         start = (log_w.exp() * ends).sum(-1)
 
         def g(x):
-            value, log_d = self._eval(x, a, log_a, log_w, b)
+            value, log_d = self._eval(x, *parts)
             return value, torch.exp(log_d)
 
         x = _solve_increasing(g, y, ends.amin(-1), ends.amax(-1), start, self.iters)
-        return x, self._eval(x, a, log_a, log_w, b)[1]
+        return x, self._eval(x, *parts)[1]
 
     def __repr__(self):
         return f"DeepSigmoid(width={self.width}, activation={self.activation!r})"
