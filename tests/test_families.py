@@ -198,9 +198,13 @@ def test_polynomial_matches_pyro_up_to_the_epsilon_slope():
     from pyroflows.transforms.transformers import MIN_DERIVATIVE
 
     ours = _perturbed(T.polynomial(3, [9], count_degree=2, count_sum=2).double())
-    # Pyro's network output: (..., (R+1)K, D)
-    theirs = PT.Polynomial(_Net(lambda x: ours._params(x, None)[..., :-1].transpose(-1, -2)),
-                           input_dim=3, count_degree=2, count_sum=2).double()
+    # Pyro's network output: (..., (R+1)K, D), its coefficients unscaled (ours are theta_kr / r!)
+    taylor = ours.transformer._taylor.repeat(2)
+
+    def coefficients(x):
+        return (ours._params(x, None)[..., :-1] * taylor).transpose(-1, -2)
+
+    theirs = PT.Polynomial(_Net(coefficients), input_dim=3, count_degree=2, count_sum=2).double()
     for row in torch.randn(4, 3, dtype=torch.float64):
         x = row[None]
         with torch.no_grad():  # Pyro's shift c is a free parameter, ours an output of the MADE

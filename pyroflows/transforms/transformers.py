@@ -773,8 +773,11 @@ class SumOfSquaresPolynomial(Transformer):
     :math:`10^{-8}` inside its log-derivative).  The integral is analytic:
     the coefficients of :math:`\sum_k p_k^2` are anti-diagonal sums of
     :math:`\sum_k a_{kr}a_{ks}`, evaluated by Horner's rule.  Params per
-    dimension: the :math:`K(R+1)` coefficients :math:`a_{kr}` (Pyro's layout,
-    ``k`` major) then :math:`c` (Pyro's free per-dimension shift).  The
+    dimension: the :math:`K(R+1)` coefficients in Pyro's layout (``k``
+    major), scaled as :math:`a_{kr} = \theta_{kr} / r!` (a preconditioning:
+    parameters of unit scale give tails that grow gently instead of like
+    :math:`x^{2R+1}`; Pyro's coefficients are :math:`a_{kr}` unscaled),
+    then :math:`c` (Pyro's free per-dimension shift).  The
     identity :math:`a_{k0} = \sqrt{1-\epsilon}\,v_k` (:math:`v \propto
     (1, \dots, K)`, unit norm), all else 0, has distinct :math:`p_k`, so
     training from it is not stuck in a symmetric point.
@@ -795,6 +798,9 @@ class SumOfSquaresPolynomial(Transformer):
         self.num_params = count_sum * (count_degree + 1) + 1
         n = count_degree + 1
         # one-hot map of the (r, s) products onto the power r + s of sum_k p_k^2
+        # a_kr = theta_kr / r!: unit-scale parameters give gently growing tails (and every
+        # polynomial stays reachable); without it theta ~ 0.3 already sends x = 4 to 1e3
+        self._taylor = torch.tensor([1.0 / math.factorial(r) for r in range(n)], dtype=torch.float64)
         self._antidiagonal = F.one_hot((torch.arange(n)[:, None] + torch.arange(n)).flatten(), 2 * n - 1)
 
     def identity_params(self):
@@ -805,7 +811,7 @@ class SumOfSquaresPolynomial(Transformer):
 
     def _parts(self, params):
         K, n = self.count_sum, self.count_degree + 1
-        a = params[..., :-1].unflatten(-1, (K, n))
+        a = params[..., :-1].unflatten(-1, (K, n)) * self._taylor.to(params)
         e = (a.unsqueeze(-1) * a.unsqueeze(-2)).sum(-3).flatten(-2) @ self._antidiagonal.to(params)
         # coefficients of g - c: e_m / (m + 1) at the power m + 1, plus epsilon at power 1
         integral = e / torch.arange(1, 2 * n, dtype=params.dtype, device=params.device)
