@@ -13,7 +13,8 @@ import importlib as _importlib
 from .base import Bijector, ConditionalBijector, ConditionedBijector
 
 _FAMILIES = ["elementwise", "linear", "normalization", "residual", "planar", "permutation", "coupling",
-             "autoregressive", "compose"]
+             "autoregressive", "neural_autoregressive", "polynomial", "block_autoregressive",
+             "matrix_exponential", "compose"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:

@@ -25,6 +25,7 @@ __all__ = [
     "Additive",
     "Affine",
     "CubicSpline",
+    "DeepSigmoid",
     "Inverted",
     "LinearRationalSpline",
     "LogisticMixtureCDF",
@@ -32,6 +33,7 @@ __all__ = [
     "PiecewiseQuadratic",
     "RationalQuadraticSpline",
     "SinhArcsinh",
+    "SumOfSquaresPolynomial",
     "Transformer",
     "make_transformer",
     "spline_kind",
@@ -301,6 +303,28 @@ def _solve_increasing(fn, target, lo, hi, start, iters: int):
     err = f - target
     tiny = torch.finfo(x.dtype).tiny
     return x - (err - err.detach()) / df.detach().clamp(min=tiny)
+
+
+def _expand_bracket(fn, target, lo, hi, iters: int = 200):
+    r"""Grow ``[lo, hi]`` until it brackets the root of ``fn(x) = target`` for an increasing ``fn``.
+
+    While ``fn(lo) > target`` the bracket moves left (the old ``lo`` becomes
+    ``hi``) and doubles its width, likewise to the right: a root at distance
+    :math:`r` is bracketed within a factor 2 after :math:`O(\log r)`
+    evaluations, which hands :func:`_solve_increasing` a tight bracket when
+    no analytic one is known.  No autograd; eager mode stops once every
+    point is bracketed (at most ``iters`` rounds).
+    """
+    with torch.no_grad():
+        t, lo, hi = target.detach(), lo.detach(), hi.detach()
+        for _ in range(iters):
+            left, right = fn(lo)[0] > t, fn(hi)[0] < t
+            if not torch.compiler.is_compiling() and not bool((left | right).any()):
+                break
+            width = 2 * (hi - lo)
+            lo, hi = (torch.where(left, lo - width, torch.where(right, hi, lo)),
+                      torch.where(left, lo, torch.where(right, hi + width, hi)))
+    return lo, hi
 
 
 class _Spline(Transformer):
@@ -710,6 +734,211 @@ class LogisticMixtureCDF(Transformer):
 
     def __repr__(self):
         return f"LogisticMixtureCDF(components={self.components}, iters={self.iters})"
+
+
+#: Activations of :class:`DeepSigmoid` (Pyro's names) and the negative slope of its leaky ReLU
+#: (that of Pyro's ``LeakyReLUTransform``).
+NAF_ACTIVATIONS = ("sigmoid", "tanh", "ELU", "LeakyReLU")
+LEAKY_SLOPE = 0.01
+
+
+class DeepSigmoid(Transformer):
+    r"""The deep sigmoidal transformer of neural autoregressive flows (NAF).
+
+    Huang, Krueger, Lacoste & Courville, "Neural Autoregressive Flows", ICML
+    2018, eq. (8), with Pyro's choice of activation :math:`\sigma`:
+
+    .. math::
+
+        g(x) = \sigma^{-1}\Bigl(\sum_{k=1}^K w_k\,\sigma(a_k x + b_k)\Bigr),\qquad
+        g'(x) = \frac{\sum_k w_k a_k\,\sigma'(a_k x + b_k)}{\sigma'(g(x))},
+
+    with :math:`a_k = \mathrm{softplus}(\tilde a_k) > 0`, :math:`w =
+    \mathrm{softmax}(\tilde w)` and :math:`K` = ``width``.  :math:`g` is a
+    quasi-arithmetic mean of the :math:`z_k = a_k x + b_k` under the
+    increasing :math:`\sigma`, so it is strictly increasing and
+    :math:`\min_k z_k \le g(x) \le \max_k z_k`.  Params per dimension, in
+    Pyro's order: ``K`` :math:`\tilde a`, ``K`` :math:`\tilde w`, ``K``
+    :math:`b` (``3K``); :math:`\tilde a = \mathrm{softplus}^{-1}(1)`,
+    :math:`\tilde w = b = 0` is the identity.
+
+    ``activation``: ``"sigmoid"`` (the deep sigmoidal flow: a logistic
+    mixture CDF followed by the logit, evaluated in log space by
+    :class:`LogisticMixtureCDF`'s formulas with :math:`\mu_k = -b_k/a_k`,
+    :math:`s_k = 1/a_k`), ``"tanh"`` (:math:`\tanh z = 2\sigma(2z) - 1`, so
+    the same mixture at :math:`2z` and half its logit), ``"ELU"`` and
+    ``"LeakyReLU"`` (slope ``LEAKY_SLOPE``; ELU's negative branch
+    :math:`\log\sum_k w_k e^{z_k}` is a log-sum-exp).  Every real input gives
+    finite values and log-derivatives (far out, :math:`g` is linear).
+
+    The forward is one evaluation.  The inverse has no closed form: its root
+    lies in :math:`[\min_k (y - b_k)/a_k,\ \max_k (y - b_k)/a_k]`, found by
+    the safeguarded Newton/bisection solver shared with
+    :class:`LogisticMixtureCDF` (at most ``iters`` steps).
+    """
+
+    def __init__(self, width: int = 16, activation: str = "sigmoid", iters: int = 60):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        if activation not in NAF_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {NAF_ACTIVATIONS}, got {activation!r}")
+        self.width, self.activation, self.iters = width, activation, int(iters)
+        self.num_params = 3 * width
+
+    def identity_params(self):
+        a = torch.full((self.width,), math.log(math.expm1(1.0)))
+        return torch.cat([a, torch.zeros(2 * self.width)])
+
+    def _parts(self, params):
+        """``(a, log a, log w, b, mu, log s)``; the last two (the logistic-mixture form of the
+        sigmoid and tanh maps) are computed once here, not on every solver step."""
+        K = self.width
+        a = F.softplus(params[..., :K])
+        log_a, b = torch.log(a), params[..., 2 * K:]
+        log_w = torch.log_softmax(params[..., K:2 * K], dim=-1)
+        if self.activation == "sigmoid":
+            return a, log_a, log_w, b, -b / a, -log_a
+        if self.activation == "tanh":  # tanh z = 2 sigma(2z) - 1: the mixture at 2z
+            return a, log_a, log_w, b, -b / a, -log_a - math.log(2.0)
+        return a, log_a, log_w, b, None, None
+
+    def _eval(self, x, a, log_a, log_w, b, mu, log_s):
+        """``(g(x), log g'(x))`` elementwise."""
+        if self.activation == "sigmoid":
+            # sigma(a x + b) = logistic CDF at x with mu = -b / a, s = 1 / a
+            return LogisticMixtureCDF._eval(x, log_w, mu, log_s)
+        if self.activation == "tanh":  # atanh(2F - 1) = logit(F) / 2
+            value, log_d = LogisticMixtureCDF._eval(x, log_w, mu, log_s)
+            return 0.5 * value, log_d - math.log(2.0)
+        z = a * x.unsqueeze(-1) + b
+        if self.activation == "ELU":
+            mean = (log_w.exp() * torch.where(z > 0, z, torch.expm1(z.clamp(max=0.0)))).sum(-1)
+            # ELU^{-1}(m) = log(1 + m) for m <= 0, with 1 + ELU(z) = e^z (z <= 0) or 1 + z
+            log1p_elu = torch.where(z > 0, torch.log1p(z.clamp(min=0.0)), z)
+            y = torch.where(mean > 0, mean, torch.logsumexp(log_w + log1p_elu, dim=-1))
+            log_d = torch.logsumexp(log_w + log_a + z.clamp(max=0.0), dim=-1) - y.clamp(max=0.0)
+            return y, log_d
+        log_slope = math.log(LEAKY_SLOPE)
+        mean = (log_w.exp() * torch.where(z > 0, z, LEAKY_SLOPE * z)).sum(-1)
+        y = torch.where(mean > 0, mean, mean / LEAKY_SLOPE)
+        log_d = torch.logsumexp(log_w + log_a + (z <= 0).to(z.dtype) * log_slope, dim=-1)
+        return y, log_d - (y <= 0).to(y.dtype) * log_slope
+
+    def forward(self, x, params):
+        return self._eval(x, *self._parts(params))
+
+    def inverse(self, y, params):
+        parts = self._parts(params)
+        a, _, log_w, b = parts[:4]
+        ends = (y.unsqueeze(-1) - b) / a
+        start = (log_w.exp() * ends).sum(-1)
+
+        def g(x):
+            value, log_d = self._eval(x, *parts)
+            return value, torch.exp(log_d)
+
+        x = _solve_increasing(g, y, ends.amin(-1), ends.amax(-1), start, self.iters)
+        return x, self._eval(x, *parts)[1]
+
+    def __repr__(self):
+        return f"DeepSigmoid(width={self.width}, activation={self.activation!r})"
+
+
+class SumOfSquaresPolynomial(Transformer):
+    r"""Sum-of-squares polynomial transformer (SOS flow).
+
+    Jaini, Selby & Yu, "Sum-of-Squares Polynomial Flow", ICML 2019:
+
+    .. math::
+
+        g(x) = c + \epsilon x + \int_0^x \sum_{k=1}^{K}\Bigl(\sum_{r=0}^{R} a_{kr} u^r\Bigr)^2 du
+             = c + \epsilon x + \sum_k \sum_{r,s} \frac{a_{kr} a_{ks}}{r + s + 1}\, x^{r+s+1},
+        \qquad g'(x) = \epsilon + \sum_k p_k(x)^2,
+
+    with :math:`R` = ``count_degree``, :math:`K` = ``count_sum`` and
+    :math:`\epsilon` = ``MIN_DERIVATIVE``: a polynomial of degree
+    :math:`2R + 1` with a strictly positive derivative (Pyro's ``Polynomial``
+    has :math:`\epsilon = 0`, a map that is only non-decreasing, and adds
+    :math:`10^{-8}` inside its log-derivative).  The integral is analytic:
+    the coefficients of :math:`\sum_k p_k^2` are anti-diagonal sums of
+    :math:`\sum_k a_{kr}a_{ks}`, evaluated by Horner's rule.  Params per
+    dimension: the :math:`K(R+1)` coefficients in Pyro's layout (``k``
+    major), scaled as :math:`a_{kr} = \theta_{kr} / r!` (a preconditioning:
+    parameters of unit scale give tails that grow gently instead of like
+    :math:`x^{2R+1}`; Pyro's coefficients are :math:`a_{kr}` unscaled),
+    then :math:`c` (Pyro's free per-dimension shift).  The
+    identity :math:`a_{k0} = \sqrt{1-\epsilon}\,v_k` (:math:`v \propto
+    (1, \dots, K)`, unit norm), all else 0, has distinct :math:`p_k`, so
+    training from it is not stuck in a symmetric point.
+
+    The forward is one evaluation; the inverse is found by the shared
+    safeguarded Newton/bisection solver in the bracket :math:`[0, (y-c)/\epsilon]`
+    (or :math:`[(y-c)/\epsilon, 0]`), which holds because :math:`g' \ge
+    \epsilon`, narrowed to a factor 2 by a doubling search from
+    :math:`[-1, 1]` (at most ``iters`` solver steps).
+    """
+
+    def __init__(self, count_degree: int = 4, count_sum: int = 3, iters: int = 100):
+        for name, value in (("count_degree", count_degree), ("count_sum", count_sum)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "count_degree" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'count_degree' else 'positive'} "
+                                 f"int, got {value!r}")
+        self.count_degree, self.count_sum, self.iters = count_degree, count_sum, int(iters)
+        self.num_params = count_sum * (count_degree + 1) + 1
+        n = count_degree + 1
+        # one-hot map of the (r, s) products onto the power r + s of sum_k p_k^2
+        # a_kr = theta_kr / r!: unit-scale parameters give gently growing tails (and every
+        # polynomial stays reachable); without it theta ~ 0.3 already sends x = 4 to 1e3
+        self._taylor = torch.tensor([1.0 / math.factorial(r) for r in range(n)], dtype=torch.float64)
+        self._antidiagonal = F.one_hot((torch.arange(n)[:, None] + torch.arange(n)).flatten(), 2 * n - 1)
+
+    def identity_params(self):
+        v = torch.arange(1, self.count_sum + 1, dtype=torch.get_default_dtype())
+        a = torch.zeros(self.count_sum, self.count_degree + 1)
+        a[:, 0] = math.sqrt(1 - MIN_DERIVATIVE) * v / v.norm()
+        return torch.cat([a.flatten(), torch.zeros(1)])
+
+    def _parts(self, params):
+        K, n = self.count_sum, self.count_degree + 1
+        a = params[..., :-1].unflatten(-1, (K, n)) * self._taylor.to(params)
+        e = (a.unsqueeze(-1) * a.unsqueeze(-2)).sum(-3).flatten(-2) @ self._antidiagonal.to(params)
+        # coefficients of g - c: e_m / (m + 1) at the power m + 1, plus epsilon at power 1
+        integral = e / torch.arange(1, 2 * n, dtype=params.dtype, device=params.device)
+        return a, integral, params[..., -1]
+
+    @staticmethod
+    def _horner(x, coefs):
+        """``sum_m coefs[..., m] x^m``."""
+        out = coefs[..., -1]
+        for m in range(coefs.shape[-1] - 2, -1, -1):
+            out = out * x + coefs[..., m]
+        return out
+
+    def _eval(self, x, a, integral, c):
+        g = c + x * (MIN_DERIVATIVE + self._horner(x, integral))
+        d = MIN_DERIVATIVE + (self._horner(x.unsqueeze(-1), a) ** 2).sum(-1)
+        return g, d
+
+    def forward(self, x, params):
+        g, d = self._eval(x, *self._parts(params))
+        return g, torch.log(d)
+
+    def inverse(self, y, params):
+        a, integral, c = self._parts(params)
+        def g(u):
+            return self._eval(u, a, integral, c)
+
+        # g' >= epsilon bounds the root by (y - c) / epsilon; a doubling search from [-1, 1]
+        # narrows that to within a factor 2
+        far = (y - c) / MIN_DERIVATIVE
+        zero = torch.zeros_like(far)
+        lo, hi = _expand_bracket(g, y, zero - 1, zero + 1)
+        lo, hi = torch.maximum(lo, torch.minimum(far, zero)), torch.minimum(hi, torch.maximum(far, zero))
+        x = _solve_increasing(g, y, lo, hi, 0.5 * (lo + hi), self.iters)
+        return x, torch.log(self._eval(x, a, integral, c)[1])
+
+    def __repr__(self):
+        return f"SumOfSquaresPolynomial(count_degree={self.count_degree}, count_sum={self.count_sum})"
 
 
 
