@@ -82,9 +82,9 @@ LAYERS = {
     "naf": lambda: T.neural_autoregressive(3, [7], width=4),
     "naf-tanh": lambda: T.neural_autoregressive(3, [7], activation="tanh", width=4),
     "polynomial": lambda: T.polynomial(3, [9], count_degree=2, count_sum=2),
-    "bnaf-normal": lambda: T.block_autoregressive(3, [2, 2], residual="normal"),
-    "bnaf-gated-elu": lambda: T.block_autoregressive(3, [2], activation="ELU", residual="gated"),
-    "bnaf-leaky": lambda: T.block_autoregressive(3, [3], activation="LeakyReLU"),
+    "bnaf-normal": lambda: T.block_autoregressive(3, hidden_factors=[2, 2], residual="normal"),
+    "bnaf-gated-elu": lambda: T.block_autoregressive(3, hidden_factors=[2], activation="ELU", residual="gated"),
+    "bnaf-leaky": lambda: T.block_autoregressive(3, hidden_factors=[3], activation="LeakyReLU"),
 }
 
 
@@ -106,7 +106,7 @@ def test_layer_round_trip_far_out(name):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_block_autoregressive_is_triangular_and_increasing(activation):
     torch.manual_seed(0)
-    layer = T.block_autoregressive(3, [2, 3], activation=activation).double()
+    layer = T.block_autoregressive(3, hidden_factors=[2, 3], activation=activation).double()
     x = torch.randn(3, dtype=torch.float64)
     J = torch.autograd.functional.jacobian(layer._call, x)
     assert torch.equal(J.triu(1), torch.zeros_like(J))
@@ -116,7 +116,7 @@ def test_block_autoregressive_is_triangular_and_increasing(activation):
 def test_block_autoregressive_outside_its_image_has_zero_density():
     """Without a residual, tanh bounds the image; a point outside it gets density 0, not garbage."""
     torch.manual_seed(0)
-    layer = T.block_autoregressive(2, [2]).double()
+    layer = T.block_autoregressive(2, hidden_factors=[2]).double()
     y = layer._call(torch.tensor([[1e3, 0.0], [-1e3, 0.0]], dtype=torch.float64))
     outside = torch.stack([y[0] + torch.tensor([1.0, 0.0], dtype=torch.float64),
                            y[1] - torch.tensor([1.0, 0.0], dtype=torch.float64)])
@@ -219,7 +219,7 @@ def test_polynomial_matches_pyro_up_to_the_epsilon_slope():
 
 def test_block_autoregressive_matches_pyro():
     torch.manual_seed(0)
-    ours = T.block_autoregressive(3, [2, 3], residual="gated").double()
+    ours = T.block_autoregressive(3, hidden_factors=[2, 3], residual="gated").double()
     theirs = PT.BlockAutoregressive(3, hidden_factors=[2, 3], residual="gated").double()
     with torch.no_grad():
         for a, b in zip(ours.layers, theirs.layers):

@@ -241,7 +241,7 @@ class BlockAutoregressive(Bijector):
         return f"input_dim={self.input_dim}, activation={self.activation!r}, residual={self.residual!r}"
 
 
-def block_autoregressive(input_dim: int, hidden_factors: Sequence[int] = (8, 8), activation: str = "tanh",
+def block_autoregressive(input_dim: int, *, hidden_factors: Sequence[int] = (8, 8), activation: str = "tanh",
                          residual: str | None = None) -> BlockAutoregressive:
     """A :class:`BlockAutoregressive` (BNAF) layer.  Pyro's helper is ``block_autoregressive(input_dim,
     **kwargs)`` forwarding to the class; the keywords here are the class's, with its defaults."""
