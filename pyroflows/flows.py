@@ -198,3 +198,29 @@ def sylvester(input_dim: int, num_layers: int = 4, variant: str = "orthogonal",
         else:
             layers.append(_ConditionalSylvester(input_dim, context_dim, num_vectors, variant, **kw))
     return Flow(layers)
+
+
+__all__ += ["ffjord"]
+
+
+def ffjord(input_dim: int, *, num_layers: int = 1, hidden: Sequence[int] = (64, 64),
+           context_dim: int | None = None, trace: str = "auto", **kw) -> Flow:
+    """FFJORD (Grathwohl et al. 2019): ``num_layers`` continuous normalizing flows in a row,
+    each a neural ODE with an MLP vector field ``hidden`` wide (tanh).
+
+    ``trace="auto"`` uses the exact divergence up to 8 dimensions and Hutchinson's
+    estimator above; further keywords (``method``, ``rtol``, ``atol``,
+    ``max_num_steps``, ``adjoint``, ``kinetic_energy``, ``jacobian_norm``,
+    ``activation``) go to :class:`~pyroflows.transforms.ContinuousFlow`.  Both
+    directions cost one ODE solve.  Conditional with ``context_dim``.  Needs
+    the ``ode`` extra (torchdiffeq).
+    """
+    from .transforms.continuous import ConditionalContinuousFlow, ContinuousFlow
+
+    check_input_dim(input_dim)
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if context_dim is None:
+        return Flow([ContinuousFlow(input_dim, hidden, trace=trace, **kw) for _ in range(num_layers)])
+    return Flow([ConditionalContinuousFlow(input_dim, context_dim, hidden, trace=trace, **kw)
+                 for _ in range(num_layers)])

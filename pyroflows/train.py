@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from .transforms.continuous import regularization_loss
 from torch import nn
 
 __all__ = ["History", "check_data", "fit"]
@@ -336,7 +337,8 @@ def fit(flow, data, *, epochs: int = 100, batch_size: int = 256, lr: float = 1e-
                 cb = None if c is None else c[idx]
                 loss = model(xb, cb)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # continuous flows' speed penalties (Finlay et al. 2020), recorded during the pass
+                (loss + regularization_loss(flow)).backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else math.inf)
                 if not (torch.isfinite(loss) and torch.isfinite(norm)):
                     with torch.no_grad():

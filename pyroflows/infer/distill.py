@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .diagnostics import importance_diagnostics
+from ..transforms.continuous import regularization_loss
 
 __all__ = ["DistillResult", "distill", "distill_flow"]
 
@@ -207,7 +208,8 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
             raise ValueError(f"the loss became {value} at step {step}: the flow produced non-finite "
                              f"samples or densities; lower lr or enable clip_grad")
         opt.zero_grad()
-        loss.backward()
+        # continuous flows' speed penalties (Finlay et al. 2020), recorded during the pass
+        (loss + regularization_loss(flow)).backward()
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_grad)
         opt.step()
