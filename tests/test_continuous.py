@@ -214,3 +214,14 @@ def test_conditional_ffjord_as_vae_posterior_over_a_per_datum_base():
     assert lp.shape == (6,) and torch.isfinite(lp).all()
     lp.sum().backward()
     assert all(p.grad is not None for p in flow.parameters())
+
+
+def test_deepcopy_after_a_penalised_pass():
+    import copy
+
+    flow = flows.ffjord(2, hidden=(8,), kinetic_energy=0.1)
+    flow.log_prob(torch.randn(4, 2))
+    (layer,) = [m for m in flow.modules() if isinstance(m, ContinuousFlow)]
+    assert layer.regularization is not None and layer.regularization.requires_grad
+    clone = copy.deepcopy(flow)  # the recorded penalty (a live graph) is not copied
+    assert [m.regularization for m in clone.modules() if isinstance(m, ContinuousFlow)] == [None]

@@ -169,6 +169,12 @@ class _ODESolve:
     def _count(self):
         self.nfe_total += 1
 
+    def __getstate__(self):
+        # the recorded penalty may hold a live autograd graph: never copy or pickle it
+        state = super().__getstate__()
+        state["regularization"] = None
+        return state
+
     def _solve(self, x, context, reverse: bool):
         odeint = _torchdiffeq()
         batch = x.shape[:-1] if context is None else torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
