@@ -137,6 +137,8 @@ def test_regularization_values_and_nfe():
     reg = regularization_loss(layer)
     assert abs(reg - kinetic) < 1e-4 * kinetic
     assert regularization_loss(layer) == 0.0  # handed out once
+    layer._inverse_and_ladj(layer(x))  # the scoring direction integrates 1 -> 0: the same penalty
+    assert abs(regularization_loss(layer) - reg) < 1e-8
     # the Jacobian-Frobenius penalty: Hutchinson's estimate is unbiased for the exact one
     exact_j = _layer(trace="exact", jacobian_norm=1.0)
     exact_j(x)
