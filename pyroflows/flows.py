@@ -203,6 +203,32 @@ def sylvester(input_dim: int, *, num_layers: int = 4, variant: str = "orthogonal
     return Flow(layers)
 
 
+__all__ += ["ffjord"]
+
+
+def ffjord(input_dim: int, *, num_layers: int = 1, hidden_dims: Sequence[int] = (64, 64),
+           context_dim: int | None = None, trace: str = "auto", **kw) -> Flow:
+    """FFJORD (Grathwohl et al. 2019): ``num_layers`` continuous normalizing flows in a row,
+    each a neural ODE with an MLP vector field ``hidden_dims`` wide (tanh).
+
+    ``trace="auto"`` uses the exact divergence up to 8 dimensions and Hutchinson's
+    estimator above; further keywords (``method``, ``rtol``, ``atol``,
+    ``max_num_steps``, ``adjoint``, ``kinetic_energy``, ``jacobian_norm``,
+    ``activation``) go to :class:`~pyroflows.transforms.ContinuousFlow`.  Both
+    directions cost one ODE solve.  Conditional with ``context_dim``.  Needs
+    the ``ode`` extra (torchdiffeq).
+    """
+    from .transforms.continuous import ConditionalContinuousFlow, ContinuousFlow
+
+    check_input_dim(input_dim)
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if context_dim is None:
+        return Flow([ContinuousFlow(input_dim, hidden_dims, trace=trace, **kw) for _ in range(num_layers)])
+    return Flow([ConditionalContinuousFlow(input_dim, context_dim, hidden_dims, trace=trace, **kw)
+                 for _ in range(num_layers)])
+
+
 # ----------------------------------------------------------------------------
 # Elementwise flows (1-D data) and the registry of named architectures
 # ----------------------------------------------------------------------------

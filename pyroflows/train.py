@@ -30,6 +30,7 @@ from torch import nn
 
 from .io import FileFormatError, load_checkpoint, save_checkpoint
 from .progress import progress_bar
+from .transforms.continuous import regularization_loss
 
 __all__ = ["History", "NonFiniteGuard", "check_data", "fit"]
 
@@ -410,7 +411,8 @@ def _run_epoch(epoch, model, state, x, c, order, o: _Options, guard, dist) -> fl
         idx = order[i:i + o.batch_size].to(dist.device)
         loss = model(x[idx], None if c is None else c[idx])
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # continuous flows' speed penalties (Finlay et al. 2020), recorded during the pass
+        (loss + regularization_loss(state.flow)).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad is not None else math.inf)
         if guard.check(loss, norm, at=f"epoch {epoch}, batch {b}"):
             state.optimizer.step()

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..progress import progress_bar
 from ..train import NonFiniteGuard
+from ..transforms.continuous import regularization_loss
 from .diagnostics import importance_diagnostics
 
 __all__ = ["DistillResult", "distill", "distill_flow"]
@@ -242,7 +243,8 @@ def distill(flow: nn.Module, log_density: Callable[[torch.Tensor], torch.Tensor]
                                 forward_kl_weight, is_forward_kl_weight)
         opt.zero_grad()
         if loss.requires_grad:
-            loss.backward()
+            # continuous flows' speed penalties (Finlay et al. 2020), recorded during the pass
+            (loss + regularization_loss(flow)).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad is not None else math.inf)
         if guard.check(loss, norm, at=f"step {step}"):
             opt.step()
