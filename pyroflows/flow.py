@@ -70,6 +70,9 @@ class Flow(nn.Module):
             event_shape = base.event_shape
         if event_shape is None:
             raise ValueError("cannot infer the event shape: pass event_shape= or a base distribution")
+        base_shape = torch.Size(event_shape)
+        for t in transforms:  # layers that reshape the event (squeeze) make the sample shape differ
+            event_shape = t.forward_shape(event_shape) if hasattr(t, "forward_shape") else event_shape
         self.event_shape = torch.Size(event_shape)
         self.is_conditional = any(isinstance(t, ConditionalTransform) for t in transforms)
         self.context_dim = next(
@@ -89,8 +92,8 @@ class Flow(nn.Module):
             first_domain = getattr(transforms[0], "domain", constraints.real_vector)
             unit = _is_unit_interval(first_domain)
             self._base_kind = "uniform" if unit else "normal"
-            self.register_buffer("base_loc", torch.zeros(self.event_shape))
-            self.register_buffer("base_scale", torch.ones(self.event_shape))
+            self.register_buffer("base_loc", torch.zeros(base_shape))
+            self.register_buffer("base_scale", torch.ones(base_shape))
         elif isinstance(base, nn.Module):
             self.base = base
         elif isinstance(base, torch.distributions.Distribution):
