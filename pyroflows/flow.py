@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from .transforms.base import Bijector
+from .transforms.memory import check_memory_saving, memory_saving_log_prob
 
 __all__ = ["Flow"]
 
@@ -47,13 +48,19 @@ class Flow(nn.Module):
             the flow); or a fixed Pyro distribution.
         event_shape: the shape of one sample; inferred from the layers when
             they carry it (every pyroflows helper sets it).
+        memory_saving: ``log_prob`` with gradients stores only the base-side
+            output and recomputes each layer's input from its output in the
+            backward pass, so training memory does not grow with depth
+            (:mod:`pyroflows.transforms.memory`); refused for layers whose
+            inverse is not exact.
 
     ``flow()`` returns the distribution, ``flow(context)`` the distribution
     conditioned on ``context`` (of shape ``(..., context_dim)``, which sets the
     batch shape).  ``log_prob``, ``sample`` and ``rsample`` are shortcuts.
     """
 
-    def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None):
+    def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None, *,
+                 memory_saving: bool = False):
         super().__init__()
         if isinstance(transforms, (nn.Module, torch.distributions.Transform)) and not isinstance(
             transforms, nn.ModuleList
@@ -74,6 +81,9 @@ class Flow(nn.Module):
         for t in transforms:  # layers that reshape the event (squeeze) make the sample shape differ
             event_shape = t.forward_shape(event_shape) if hasattr(t, "forward_shape") else event_shape
         self.event_shape = torch.Size(event_shape)
+        self.memory_saving = bool(memory_saving)
+        if self.memory_saving:
+            check_memory_saving(transforms)  # refuses layers whose input cannot be recomputed exactly
         self.is_conditional = any(isinstance(t, ConditionalTransform) for t in transforms)
         self.context_dim = next(
             (t.context_dim for t in transforms if getattr(t, "context_dim", None) is not None), None
@@ -165,6 +175,9 @@ class Flow(nn.Module):
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`\\log p(x)` (per row: the batch shape of ``x``)."""
         self.check_input(x)
+        if self.memory_saving and context is None and torch.is_grad_enabled():
+            d = self()
+            return memory_saving_log_prob(d.transforms, d.base_dist, x)
         if context is not None or not self._direct:
             return self(context).log_prob(x)
         return self._direct_log_prob(x)

@@ -13,7 +13,7 @@ import importlib as _importlib
 from .base import Bijector, ConditionalBijector, ConditionedBijector
 
 _FAMILIES = ["elementwise", "linear", "normalization", "residual", "planar", "permutation", "coupling",
-             "autoregressive", "image"]
+             "autoregressive", "image", "multiscale"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:

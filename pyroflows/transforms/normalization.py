@@ -149,6 +149,12 @@ class BatchNorm(Bijector):
         self.register_buffer("running_mean", torch.zeros(input_dim))
         self.register_buffer("running_var", torch.ones(input_dim))
 
+    @property
+    def exact_inverse(self):
+        """In train mode the normalizing pass uses the batch statistics, so an input
+        recomputed from an output (memory_saving) would not be exact."""
+        return not self.training
+
     def _log_scale(self, var):
         """Forward log-scale :math:`\\tfrac12\\log(\\sigma^2+\\epsilon) - \\log\\gamma` per dimension."""
         return 0.5 * torch.log(var + self.epsilon) - self.log_gamma
