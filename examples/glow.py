@@ -42,9 +42,20 @@ def split(name, seed=0, test_fraction=0.2):
     return x[perm[n_test:]], x[perm[:n_test]]
 
 
-def train(flow, k_train, *, epochs, batch_size, lr, event_shape, levels, log, seed=0, device="cpu"):
-    """Maximise the uniform-dequantization bound (fresh noise every batch); returns seconds."""
+def hold_out(k_train, fraction):
+    """``(fit, validation)``: the last ``fraction`` of the (already shuffled) training images."""
+    n_val = int(round(fraction * len(k_train)))
+    return (k_train[:len(k_train) - n_val], k_train[len(k_train) - n_val:]) if n_val else (k_train, None)
+
+
+def train(flow, k_train, *, epochs, batch_size, lr, event_shape, levels, log, seed=0, device="cpu",
+          k_val=None):
+    """Maximise the uniform-dequantization bound (fresh noise every batch); returns seconds.
+    With ``k_val`` the flow ends with the parameters of its best validation epoch."""
+    import copy
+
     torch.manual_seed(seed)
+    best = (math.inf, None)
     deq = getattr(flow, "dequantizer", None) or I.UniformDequantization(levels)
     flow.to(device)
     k_train = k_train.to(device)
@@ -64,9 +75,20 @@ def train(flow, k_train, *, epochs, batch_size, lr, event_shape, levels, log, se
             torch.nn.utils.clip_grad_norm_(flow.parameters(), 50.0)
             opt.step()
             total += loss.item() * len(idx)
+        val = ""
+        if k_val is not None:
+            rng = torch.get_rng_state()
+            bpd = test_bpd(flow, k_val, event_shape, levels, device, repeats=1)
+            torch.set_rng_state(rng)  # validation does not change the training noise
+            flow.train()
+            if bpd < best[0]:
+                best = (bpd, copy.deepcopy(flow.state_dict()))
+            val = f", validation {bpd:.3f}"
         if log and (epoch % max(1, epochs // 10) == 0 or epoch == epochs - 1):
-            print(f"  epoch {epoch + 1}/{epochs}: train {total / len(k_train):.3f} bits/dim "
+            print(f"  epoch {epoch + 1}/{epochs}: train {total / len(k_train):.3f} bits/dim{val} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if best[1] is not None:
+        flow.load_state_dict(best[1])
     return time.perf_counter() - start
 
 
@@ -80,45 +102,33 @@ def test_bpd(flow, k_test, event_shape, levels, device="cpu", repeats=4):
 
 
 def pictures(flow, k_test, shape, levels, out, name, device="cpu"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Sample grids at temperatures 0.5, 0.7, 1.0 and an interpolation strip, as PNGs in ``out``."""
+    from pyroflows.plot import close, image_grid
 
     torch.manual_seed(0)
-    temps = (0.5, 0.7, 1.0)
-    fig, axes = plt.subplots(1, len(temps), figsize=(2.2 * len(temps), 2.4))
-    for ax, t in zip(axes, temps):
-        x = I.sample_at_temperature(flow, (36,), t).clamp(0, 1).cpu()
-        grid = x[:, 0].reshape(6, 6, *shape[1:]).permute(0, 2, 1, 3).reshape(6 * shape[1], 6 * shape[2])
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"T = {t}", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / f"glow_{name}_samples.png", dpi=80)
-    plt.close(fig)
-
+    for t in (0.5, 0.7, 1.0):
+        fig = image_grid(I.sample_at_temperature(flow, (36,), t).clamp(0, 1), nrow=6)
+        fig.savefig(out / f"glow_{name}_T{t}.png", dpi=24 if shape[-1] <= 8 else 40)
+        close(fig)
     x0, x1 = ((k_test[i].reshape(shape).to(device) + 0.5) / levels for i in (0, 1))
-    strip = I.interpolate(flow, x0, x1, 8).clamp(0, 1).cpu()
-    fig, axes = plt.subplots(1, 8, figsize=(8, 1.2))
-    for ax, img in zip(axes, strip):
-        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / f"glow_{name}_interpolation.png", dpi=80)
-    plt.close(fig)
+    fig = image_grid(I.interpolate(flow, x0, x1, 8).clamp(0, 1), nrow=8)
+    fig.savefig(out / f"glow_{name}_interpolation.png", dpi=24 if shape[-1] <= 8 else 40)
+    close(fig)
 
 
 def run(name, args):
     _, shape, levels = DATASETS[name]
     k_train, k_test = split(name)
-    print(f"{name}: {len(k_train)} train / {len(k_test)} test images {shape}, {levels} grey levels", flush=True)
-    results = {"dataset": name, "epochs": args.epochs, "train": len(k_train), "test": len(k_test)}
+    k_fit, k_val = hold_out(k_train, args.val_fraction)
+    print(f"{name}: {len(k_fit)} train / {0 if k_val is None else len(k_val)} validation / "
+          f"{len(k_test)} test images {shape}, {levels} grey levels", flush=True)
+    results = {"dataset": name, "epochs": args.epochs, "train": len(k_fit), "test": len(k_test),
+               "validation": 0 if k_val is None else len(k_val), "kind": args.kind}
     torch.manual_seed(0)
     glow = flows.glow(shape, levels=args.levels, steps=args.steps, hidden_channels=args.hidden,
-                      num_values=levels)
-    secs = train(glow, k_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, event_shape=shape,
-                 levels=levels, log=True, device=args.device)
+                      num_values=levels, kind=args.kind)
+    secs = train(glow, k_fit, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, event_shape=shape,
+                 levels=levels, log=True, device=args.device, k_val=k_val)
     results["glow"] = {"bits_per_dim": test_bpd(glow, k_test, shape, levels, args.device), "seconds": secs,
                        "levels": args.levels, "steps": args.steps, "hidden": args.hidden,
                        "parameters": sum(p.numel() for p in glow.parameters())}
@@ -129,8 +139,9 @@ def run(name, args):
         for base_name in ("maf", "nsf"):
             torch.manual_seed(0)
             flow = getattr(flows, base_name)(dim)
-            secs = train(flow, k_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         event_shape=(dim,), levels=levels, log=False, device=args.device)
+            secs = train(flow, k_fit, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         event_shape=(dim,), levels=levels, log=False, device=args.device,
+                         k_val=None if k_val is None else k_val.reshape(-1, dim))
             bpd = test_bpd(flow, k_test, (dim,), levels, args.device)
             results[base_name] = {"bits_per_dim": bpd, "seconds": secs}
             print(f"  {base_name}({dim}): test {bpd:.3f} bits/dim ({secs:.0f} s)", flush=True)
@@ -145,6 +156,9 @@ def main(argv=None):
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--kind", default="affine", help="coupling transformer kind (affine, rq_spline, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="hold out this fraction of the training images; keep the best validation epoch")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--baselines", action="store_true", help="also train maf/nsf on the flattened images")
