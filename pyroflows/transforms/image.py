@@ -6,15 +6,14 @@ the keyword ``shape``).  All layers are exact bijections with cheap
 log-determinants; in both directions each costs one pass (Prince,
 *Understanding Deep Learning*, section 16.5.2; Kingma & Dhariwal, "Glow", 2018):
 
-=============================  ===========================================  =======================
-layer                          forward :math:`y = f(x)`                     :math:`\log|\det J|`
-=============================  ===========================================  =======================
-:class:`Squeeze`               space-to-depth, ``(C,H,W) -> (4C,H/2,W/2)``  0
-:class:`Unsqueeze`             depth-to-space, its inverse                  0
-:class:`GeneralizedChannelPermute`  1x1 convolution :math:`W = P L U`       :math:`HW\sum\log|U_{dd}|`
-:class:`ConvCoupling`          coupling over channels, conv conditioner     :math:`\sum\log g'`
-:class:`ChannelActNorm`        per-channel affine, data-dependent init      :math:`HW\sum_c s_c`
-=============================  ===========================================  =======================
+* :class:`Squeeze`: space-to-depth, ``(C, H, W) -> (4C, H/2, W/2)``, log-det 0;
+  :class:`Unsqueeze` is its inverse;
+* :class:`GeneralizedChannelPermute`: the invertible 1x1 convolution
+  :math:`W = PLU`, log-det :math:`HW \sum_c \log|U_{cc}|`;
+* :class:`ConvCoupling`: coupling over channels with a convolutional
+  conditioner, log-det :math:`\sum \log g'`;
+* :class:`ChannelActNorm`: per-channel affine map with data-dependent
+  initialisation, log-det :math:`HW \sum_c s_c`.
 """
 
 from __future__ import annotations
