@@ -18,6 +18,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import _sum_rightmost
 
 from .transforms.compose import ComposedModule
+from .transforms.memory import check_memory_saving, memory_saving_log_prob
 
 __all__ = ["Flow", "StandardNormal", "StandardUniform"]
 
@@ -83,8 +84,15 @@ class Flow(nn.Module):
             buffers; an ``nn.Module`` whose call ``base()`` returns a
             distribution (its parameters are then part of the flow); or a fixed
             Pyro distribution.
-        event_shape: the shape of one sample; inferred from the layers when
-            they carry it (every pyroflows helper sets it).
+        event_shape: the shape of the base sample; inferred from the layers when
+            they carry it (every pyroflows helper sets it).  Layers that reshape
+            the event (squeeze) make ``flow.event_shape``, the shape of one
+            sample, differ from it.
+        memory_saving: ``log_prob`` with gradients stores only the base-side
+            output and recomputes each layer's input from its output in the
+            backward pass, so training memory does not grow with depth
+            (:mod:`pyroflows.transforms.memory`); refused for layers whose
+            inverse is not exact.
 
     ``flow()`` returns the distribution, ``flow(context)`` the distribution
     conditioned on ``context`` (of shape ``(..., context_dim)``, which sets the
@@ -93,7 +101,8 @@ class Flow(nn.Module):
     transform; ``log_prob``, ``sample`` and ``rsample`` go through it.
     """
 
-    def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None):
+    def __init__(self, transforms, base=None, event_shape: Iterable[int] | None = None, *,
+                 memory_saving: bool = False):
         super().__init__()
         if isinstance(transforms, Flow):
             transforms, base = transforms.transforms, transforms.base if base is None else base
@@ -110,9 +119,15 @@ class Flow(nn.Module):
             event_shape = base.event_shape
         if event_shape is None:
             raise ValueError("cannot infer the event shape: pass event_shape= or a base distribution")
+        self.base_event_shape = torch.Size(event_shape)
+        for t in transforms:  # layers that reshape the event (squeeze) make the sample shape differ
+            event_shape = t.forward_shape(event_shape) if hasattr(t, "forward_shape") else event_shape
         self.event_shape = torch.Size(event_shape)
+        self.memory_saving = bool(memory_saving)
+        if self.memory_saving:
+            check_memory_saving(transforms)  # refuses layers whose input cannot be recomputed exactly
         if base is None:
-            base = _default_base(self.transforms[0], self.event_shape)
+            base = _default_base(self.transforms[0], self.base_event_shape)
         elif isinstance(base, torch.distributions.Distribution):
             base = FixedBase(base)
         elif not isinstance(base, nn.Module):
@@ -159,9 +174,9 @@ class Flow(nn.Module):
         # a per-call base (an encoder's Gaussian): checked, and broadcast with the context's batch shape
         if not isinstance(base, torch.distributions.Distribution):
             raise TypeError(f"base must be a Distribution, got {type(base).__name__}")
-        if base.event_shape != self.event_shape:
+        if base.event_shape != self.base_event_shape:
             raise ValueError(f"base has event shape {tuple(base.event_shape)} but the flow's is "
-                             f"{tuple(self.event_shape)}; use .to_event(...) on the base")
+                             f"{tuple(self.base_event_shape)}; use .to_event(...) on the base")
         try:
             shape = torch.broadcast_shapes(base.batch_shape, batch_shape)
         except RuntimeError:
@@ -206,6 +221,8 @@ class Flow(nn.Module):
         """:math:`\\log p(x)` (per row: the batch shape of ``x``).  The flow's own samples
         are scored from the cached passes; ``cache=False`` recomputes every layer."""
         self.check_input(x)
+        if self.memory_saving and context is None and base is None and torch.is_grad_enabled():
+            return memory_saving_log_prob(self.transforms, self.base_distribution(), x)
         transform = self.transform(context)
         if dist.is_validation_enabled() and not bool(transform.codomain.check(x).all()):
             raise ValueError(f"Expected value argument ({type(x).__name__} of shape {tuple(x.shape)}) "

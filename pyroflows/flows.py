@@ -230,6 +230,52 @@ def ffjord(input_dim: int, *, num_layers: int = 1, hidden_dims: Sequence[int] = 
 
 
 # ----------------------------------------------------------------------------
+# Glow: a multi-scale flow over images, one Pyro distribution
+# ----------------------------------------------------------------------------
+
+__all__ += ["glow"]
+
+
+def glow(image_shape, levels: int = 3, steps: int = 8, hidden_channels: int | Sequence[int] = 128, *,
+         kind: str | Transformer = "affine", count_bins: int = 8, bound: float = 5.0,
+         learn_prior: bool = True, dequantization: str = "uniform", num_values: int = 256,
+         memory_saving: bool = False, context_dim: int | None = None) -> Flow:
+    r"""Glow (Kingma & Dhariwal, 2018): a multi-scale flow
+    (:func:`~pyroflows.transforms.multi_scale`) over images of ``image_shape =
+    (C, H, W)``, ``levels`` levels of ``steps`` steps (ActNorm, invertible 1x1
+    convolution, coupling of transformer ``kind`` with a convolutional
+    conditioner of two hidden layers of ``hidden_channels``), half the channels
+    factored out per level with learned conditional Gaussian priors.
+
+    The result is one :class:`~pyroflows.Flow` on images in :math:`[0, 1)`
+    (``flow.log_prob``, ``sample``, ``rsample``, usable as a prior in a Pyro
+    model).  ``flow.dequantizer`` maps integer images with ``num_values`` grey
+    levels into that range: ``dequantization="uniform"`` or ``"variational"``
+    (Flow++); see :mod:`pyroflows.images` for bits/dim, temperature sampling and
+    interpolation.  ``memory_saving=True`` recomputes activations in the
+    backward pass (training memory independent of depth).  Both directions are
+    one pass per layer."""
+    from .images import UniformDequantization, VariationalDequantization
+    from .transforms.image import check_image_shape
+    from .transforms.multiscale import multi_scale
+
+    if context_dim is not None:
+        raise ValueError("glow has no conditional version yet (context_dim must be None)")
+    shape = check_image_shape(image_shape)
+    hidden = (hidden_channels,) * 2 if isinstance(hidden_channels, int) else tuple(hidden_channels)
+    layer = multi_scale(shape, levels, steps, hidden, kind=kind, count_bins=count_bins, bound=bound,
+                        learn_prior=learn_prior)
+    flow = Flow(layer, memory_saving=memory_saving) if memory_saving else Flow(layer)
+    if dequantization == "uniform":
+        flow.dequantizer = UniformDequantization(num_values)
+    elif dequantization == "variational":
+        flow.dequantizer = VariationalDequantization(shape, num_values)
+    else:
+        raise ValueError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
+    return flow
+
+
+# ----------------------------------------------------------------------------
 # Elementwise flows (1-D data) and the registry of named architectures
 # ----------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ Every public helper in ``pyroflows.transforms.__all__`` is built here; the
 checks in ``test_exactness.py`` then run on each, in float64, with no per-layer
 exceptions.  The rules that decide how a helper is called are generic:
 
-* a helper whose first parameter is ``shape`` is an image layer and gets an
-  image shape ``(C, H, W)``; otherwise it gets ``input_dim``;
+* a helper with a parameter ``shape`` is an image layer and gets the image
+  shape ``(C, H, W)`` as ``shape=`` (Pyro's ``generalized_channel_permute``
+  takes it as a keyword); otherwise it gets ``input_dim`` first;
 * a helper named ``conditional_*`` also gets ``context_dim``;
 * a helper with a ``kind`` parameter is built once per transformer kind in
   ``pyroflows.transforms.transformers.KINDS``;
@@ -46,14 +47,10 @@ class Case:
 
     @property
     def is_image(self) -> bool:
-        return _first_param(getattr(T, self.helper)) == "shape"
+        return "shape" in inspect.signature(getattr(T, self.helper)).parameters
 
     def __str__(self):
         return self.helper + (f"[{self.kind}]" if self.kind else "")
-
-
-def _first_param(fn) -> str:
-    return next(iter(inspect.signature(fn).parameters), None)
 
 
 def public_helpers() -> list[str]:
@@ -96,9 +93,11 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
         kw["kind"] = case.kind
     if case.conditional:
         kw["context_dim"] = CONTEXT_DIM
-    first = IMAGE_SHAPE if case.is_image else (dim if dim is not None else 4)
+    first = dim if dim is not None else 4
+    if case.is_image:
+        kw["shape"] = IMAGE_SHAPE  # image helpers take the image shape (C, H, W)
     params = inspect.signature(fn).parameters
-    required = [p for p in params.values() if p.default is p.empty
+    required = [p for p in params.values() if p.default is p.empty and p.name not in kw
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     try:
         if not required:
@@ -111,8 +110,8 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
         return None
     layer = layer.double()
     # noise on each parameter's natural scale: a network weight's is 1/sqrt(fan_in)
-    fan_in = {id(m.weight): m.weight.shape[1] for m in layer.modules()
-              if isinstance(m, torch.nn.Linear)}
+    fan_in = {id(m.weight): m.weight[0].numel() for m in layer.modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))}
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(perturb / fan_in.get(id(p), 1) ** 0.5 * torch.randn_like(p))

@@ -1,7 +1,8 @@
 """Conditioner networks: the ``theta = c(...)`` half of every flow."""
 
+from .conv import ConvNet
 from .made import MADE, MaskedLinear
 from .mlp import MLP
 from .spectral import LipschitzMLP, LipSwish, SpectralLinear
 
-__all__ = ["MADE", "MLP", "LipSwish", "LipschitzMLP", "MaskedLinear", "SpectralLinear"]
+__all__ = ["ConvNet", "MADE", "MLP", "LipSwish", "LipschitzMLP", "MaskedLinear", "SpectralLinear"]

@@ -14,7 +14,7 @@ from .base import Bijector, ConditionalBijector, ConditionedBijector
 
 _FAMILIES = ["elementwise", "linear", "normalization", "residual", "planar", "permutation", "coupling",
              "autoregressive", "neural_autoregressive", "polynomial", "block_autoregressive",
-             "matrix_exponential", "continuous", "compose"]
+             "matrix_exponential", "continuous", "image", "multiscale", "compose"]
 
 __all__ = ["Bijector", "ConditionalBijector", "ConditionedBijector"]
 for _name in _FAMILIES:

@@ -98,6 +98,43 @@ def _make_permutation(permutation, dim: int, seed: int | None) -> torch.Tensor:
 
 # --- LU ---------------------------------------------------------------------------
 
+def lu_factors(lower, upper, log_abs_diag, diag_sign):
+    r"""The triangular factors :math:`L` (unit lower) and :math:`U + D` (upper,
+    :math:`D = \mathrm{diag}(\sigma e^{s})`) from unconstrained parameters.
+
+    Only the strictly lower part of ``lower`` and the strictly upper part of
+    ``upper`` are used, so one dense ``(..., D, D)`` tensor may serve as both.
+    Leading batch dimensions are allowed (a conditional layer's network output).
+    The log-determinant of :math:`P L (U + D)` is ``log_abs_diag.sum(-1)``."""
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return torch.tril(lower, -1) + eye, torch.triu(upper, 1) + torch.diag_embed(diag_sign * log_abs_diag.exp())
+
+
+def lu_matmul(rows, lower, upper, permutation):
+    """Rows ``(..., N, D)`` times :math:`W^T` with :math:`W = P L U` (``lower``, ``upper``
+    from :func:`lu_factors`; matrices may carry batch dimensions that broadcast)."""
+    return ((rows @ upper.mT) @ lower.mT)[..., permutation]
+
+
+def lu_solve(rows, lower, upper, inverse_permutation):
+    """Rows ``(..., N, D)`` times :math:`W^{-T}`: two triangular solves, the inverse of :func:`lu_matmul`."""
+    z = rows[..., inverse_permutation]  # P^T y, as rows
+    # rows: x^T U^T L^T = z^T, solved one triangle at a time
+    w = torch.linalg.solve_triangular(lower.mT, z, upper=True, left=False, unitriangular=True)
+    return torch.linalg.solve_triangular(upper.mT, w, upper=False, left=False)
+
+
+@torch.no_grad()
+def lu_decompose(matrix):
+    """``(perm, lower, upper, log_abs_diag, diag_sign)`` of an invertible matrix by LU with
+    partial pivoting, so that :func:`lu_factors` and ``perm`` give back :math:`W`."""
+    P, L, U = torch.linalg.lu(matrix)
+    diag = torch.diagonal(U)
+    if (diag == 0).any():
+        raise ValueError("matrix is singular: an LU flow needs an invertible matrix")
+    return P.argmax(-1), torch.tril(L, -1), torch.triu(U, 1), diag.abs().log(), diag.sign()
+
+
 class LU(Bijector):
     r"""Linear flow with an LU-factorised matrix (Kingma & Dhariwal, "Glow", 2018).
 
@@ -142,10 +179,7 @@ class LU(Bijector):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def _factors(self):
-        eye = torch.eye(self.event_shape[0], dtype=self.lower.dtype, device=self.lower.device)
-        lower = torch.tril(self.lower, -1) + eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.diag_sign * self.log_abs_diag.exp())
-        return lower, upper
+        return lu_factors(self.lower, self.upper, self.log_abs_diag, self.diag_sign)
 
     @property
     def permutation(self) -> torch.Tensor:
@@ -158,17 +192,11 @@ class LU(Bijector):
         return (lower @ upper)[self.stored.indices]
 
     def _call_and_ladj(self, x):
-        lower, upper = self._factors()
-        y = ((x @ upper.T) @ lower.T)[..., self.stored.indices] + self.bias
+        y = lu_matmul(x, *self._factors(), self.stored.indices) + self.bias
         return y, _batch_ladj(self.log_abs_diag.sum(), x)
 
     def _inverse_and_ladj(self, y):
-        lower, upper = self._factors()
-        z = _rows((y - self.bias)[..., self.stored.inverse_indices])  # P^T (y - b), as rows
-        # rows: x^T (U+D)^T L^T = z^T, solved one triangle at a time
-        w = torch.linalg.solve_triangular(lower.T, z, upper=True, left=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(upper.T, w, upper=False, left=False)
-        x = x.reshape(y.shape)
+        x = lu_solve(_rows(y - self.bias), *self._factors(), self.stored.inverse_indices).reshape(y.shape)
         return x, _batch_ladj(self.log_abs_diag.sum(), x)
 
     @classmethod
@@ -179,15 +207,12 @@ class LU(Bijector):
         is that of ``matrix``.  Raises ``ValueError`` if ``matrix`` is singular."""
         matrix = _as_square_matrix(matrix)
         dim = matrix.shape[0]
-        P, L, U = torch.linalg.lu(matrix)
-        diag = torch.diagonal(U)
-        if (diag == 0).any():
-            raise ValueError("matrix is singular: an LU flow needs an invertible matrix")
-        layer = cls(dim, permutation=P.argmax(-1)).to(matrix.dtype)
-        layer.lower.copy_(torch.tril(L, -1))
-        layer.upper.copy_(torch.triu(U, 1))
-        layer.log_abs_diag.copy_(diag.abs().log())
-        layer.diag_sign.copy_(diag.sign())
+        perm, lower, upper, log_abs_diag, diag_sign = lu_decompose(matrix)
+        layer = cls(dim, permutation=perm).to(matrix.dtype)
+        layer.lower.copy_(lower)
+        layer.upper.copy_(upper)
+        layer.log_abs_diag.copy_(log_abs_diag)
+        layer.diag_sign.copy_(diag_sign)
         _set_bias(layer, bias, dim, matrix.dtype)
         return layer
 

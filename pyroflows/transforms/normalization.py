@@ -51,37 +51,53 @@ class ActNorm(Bijector):
 
     def __init__(self, input_dim: int, eps: float = 1e-6, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
-        self.event_shape = (check_input_dim(input_dim),)
+        self._setup((check_input_dim(input_dim),), eps)
+
+    def _setup(self, event_shape, eps):
+        """Parameters per *channel*, the first event dimension: shape ``(D,)`` for vectors,
+        ``(C, 1, 1)`` for images (shared over the pixels, as in Glow)."""
+        self.event_shape = tuple(event_shape)
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.eps = float(eps)
-        self.log_scale = nn.Parameter(torch.zeros(input_dim))
-        self.shift = nn.Parameter(torch.zeros(input_dim))
+        channels = self.event_shape[0]
+        param_shape = (channels,) + (1,) * (len(self.event_shape) - 1)
+        self._positions = 1  # how many positions share each channel's parameters
+        for n in self.event_shape[1:]:
+            self._positions *= n
+        self.log_scale = nn.Parameter(torch.zeros(param_shape))
+        self.shift = nn.Parameter(torch.zeros(param_shape))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def initialize(self, y: torch.Tensor) -> None:
-        """Set :math:`t`, :math:`s` so that the rows of ``y`` map to zero mean, unit variance."""
-        rows = _rows(y.detach())
-        self.shift.copy_(rows.mean(0))
+        """Set :math:`t`, :math:`s` so that ``y`` maps to zero mean, unit variance per channel
+        (over the batch, and over the pixels of an image)."""
+        rows = _rows(y.detach().movedim(-len(self.event_shape), -1))
+        shape = self.shift.shape
+        self.shift.copy_(rows.mean(0).view(shape))
         if rows.shape[0] > 1:
-            self.log_scale.copy_(rows.std(0, correction=0).clamp_min(self.eps).log())
+            self.log_scale.copy_(rows.std(0, correction=0).clamp_min(self.eps).log().view(shape))
         else:
             self.log_scale.zero_()
         self.initialized.fill_(True)
+
+    def _ladj(self, x):
+        batch_shape = x.shape[:x.dim() - len(self.event_shape)]
+        return (self.log_scale.sum() * self._positions).expand(batch_shape)
 
     def _call_and_ladj(self, x):
         if not self.initialized:
             with torch.no_grad():
                 self.initialized.fill_(True)
         y = x * self.log_scale.exp() + self.shift
-        return y, self.log_scale.sum().expand(x.shape[:-1])
+        return y, self._ladj(x)
 
     def _inverse_and_ladj(self, y):
         if not self.initialized:
             self.initialize(y)
         x = (y - self.shift) * (-self.log_scale).exp()
-        return x, self.log_scale.sum().expand(y.shape[:-1])
+        return x, self._ladj(y)
 
     def extra_repr(self):
         return f"input_dim={self.event_shape[0]}, initialized={bool(self.initialized)}"
@@ -132,6 +148,12 @@ class BatchNorm(Bijector):
         self.beta = nn.Parameter(torch.zeros(input_dim))
         self.register_buffer("running_mean", torch.zeros(input_dim))
         self.register_buffer("running_var", torch.ones(input_dim))
+
+    @property
+    def exact_inverse(self):
+        """In train mode the normalizing pass uses the batch statistics, so an input
+        recomputed from an output (memory_saving) would not be exact."""
+        return not self.training
 
     def _log_scale(self, var):
         """Forward log-scale :math:`\\tfrac12\\log(\\sigma^2+\\epsilon) - \\log\\gamma` per dimension."""

@@ -156,6 +156,8 @@ _PLANAR_DOC = r"""
 class Planar(_Flat, _PlanarMath, Bijector):
     __doc__ = "Planar flow with free parameters." + _PLANAR_DOC
 
+    exact_inverse = False  # numerical inverse: refused by memory_saving
+
     def __init__(self, input_dim: int, tol: float | None = None, max_iter: int = 100, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.event_shape = (check_input_dim(input_dim),)
@@ -374,6 +376,8 @@ _SYLVESTER_DOC = r"""
 
 class Sylvester(_Flat, _SylvesterMath, Bijector):
     __doc__ = "Sylvester flow with free parameters." + _SYLVESTER_DOC
+
+    exact_inverse = False  # numerical inverse: refused by memory_saving
 
     def __init__(self, input_dim: int, num_vectors: int | None = None, variant: str = "orthogonal",
                  num_reflections: int | None = None, flip: bool = False, tol: float | None = None,

@@ -249,6 +249,8 @@ class InvertibleResidual(Bijector):
         activation: 1-Lipschitz activation class (default LipSwish).
     """
 
+    exact_inverse = False  # numerical inverse: refused by memory_saving
+
     def __init__(self, input_dim: int, hidden_dims: Sequence[int] = (32, 32), coeff: float = 0.9,
                  log_det: str = "auto", cheap: str = "inverse", n_terms: int = 5, n_exact_terms: int = 2,
                  geom_p: float = 0.5, n_samples: int = 1, tol: float | None = None, max_iter: int = 500,
