@@ -272,19 +272,29 @@ class ConditionalGeneralizedChannelPermute(_ChannelLU, ConditionalBijector):
         return self._mix(y, self._lu(context), inverse=True)
 
 
-def generalized_channel_permute(channels: int | None = None, permutation=None, *,
-                                shape=None) -> GeneralizedChannelPermute:
-    """A :class:`GeneralizedChannelPermute` (invertible 1x1 convolution), Pyro's helper.
-    ``channels`` defaults to 3 (Pyro's default) or to ``shape[0]`` when ``shape`` is given."""
-    return GeneralizedChannelPermute(channels, permutation, shape=shape)
+def _channels_of(channels: int, shape) -> int | None:
+    """Pyro's ``channels`` (default 3), unless ``shape`` gives the image: then its ``C``."""
+    if shape is None:
+        return channels
+    if channels not in (3, shape[0]):
+        raise ValueError(f"channels={channels} disagrees with the image shape {tuple(shape)}")
+    return None  # the layer reads C from shape
 
 
-def conditional_generalized_channel_permute(context_dim: int, channels: int | None = None,
+def generalized_channel_permute(*, channels: int = 3, permutation=None, shape=None) -> GeneralizedChannelPermute:
+    """A :class:`GeneralizedChannelPermute` (invertible 1x1 convolution), Pyro's helper
+    (Pyro's ``generalized_channel_permute(**kwargs)``: ``channels=3``, ``permutation``).
+    With ``shape=(C, H, W)`` the channels are ``C``."""
+    return GeneralizedChannelPermute(_channels_of(channels, shape), permutation, shape=shape)
+
+
+def conditional_generalized_channel_permute(context_dim: int, channels: int = 3,
                                             hidden_dims: Sequence[int] | None = None, *,
                                             shape=None) -> ConditionalGeneralizedChannelPermute:
     """A :class:`ConditionalGeneralizedChannelPermute`, Pyro's helper (``hidden_dims``
-    defaults to ``[10 C, 10 C]`` as in Pyro)."""
-    return ConditionalGeneralizedChannelPermute(context_dim, channels, hidden_dims, shape=shape)
+    defaults to ``[10 C, 10 C]`` as in Pyro).  With ``shape=(C, H, W)`` the channels are ``C``."""
+    return ConditionalGeneralizedChannelPermute(context_dim, _channels_of(channels, shape), hidden_dims,
+                                                shape=shape)
 
 
 # --- coupling with a convolutional conditioner ------------------------------------
