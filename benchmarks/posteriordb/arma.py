@@ -15,11 +15,15 @@ def model(y):
     phi = pyro.sample("phi", dist.Normal(0.0, 2.0))
     theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
     sigma = pyro.sample("sigma", dist.HalfCauchy(2.5))
-    err = [y[0] - (mu + phi * mu)]
-    base = y[1:] - mu[..., None] - phi[..., None] * y[:-1]  # everything but the MA term, vectorised
-    for t in range(1, len(y)):
-        err.append(base[..., t - 1] - theta * err[-1])
-    err = torch.stack(err, -1)
+    # err[t] = a[t] - theta err[t-1] with a[1] = y[1] - (mu + phi mu), a[t] = y[t] - mu - phi y[t-1]:
+    # a linear recurrence, err[t] = sum_{s<=t} (-theta)^(t-s) a[s], summed by doubling (log T steps)
+    first = (y[0] - (mu + phi * mu))[..., None]
+    err = torch.cat([first, y[1:] - mu[..., None] - phi[..., None] * y[:-1]], -1)
+    c, shift = -theta[..., None], 1
+    while shift < err.shape[-1]:
+        err = torch.cat([err[..., :shift], err[..., shift:] + c * err[..., :-shift]], -1)
+        c, shift = c * c, 2 * shift
+    err = torch.nan_to_num(err, nan=float("inf"))  # |theta| > 1 overflows (inf * 0): density 0, as in Stan
     pyro.factor("err", dist.Normal(0.0, sigma[..., None]).log_prob(err).sum(-1))
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro.distributions as dist
 import torch
+from torch.distributions import transform_to
 
 #: where the posteriordb folders live (override with $POSTERIORDB)
 ROOT = Path(os.environ.get("POSTERIORDB", Path(__file__).resolve().parents[3] / "shared" / "posteriordb"))
@@ -79,19 +81,17 @@ class Posterior:
         return out
 
 
-def feasible(init_loc_fn):
-    """``init_loc_fn`` that also handles sites that cannot be sampled (``ImproperUniform``, the
-    flat priors here): they start at the point 0 of the unconstrained space.  Pyro's init
-    strategies all draw from the site's distribution, which ``ImproperUniform`` refuses."""
-    from torch.distributions import transform_to
 
-    def init(site):
-        try:
-            return init_loc_fn(site)
-        except NotImplementedError:
-            fn = site["fn"]
-            t = transform_to(fn.support)
-            shape = t.inverse_shape(fn.batch_shape + fn.event_shape)
-            return t(torch.zeros(shape, dtype=torch.get_default_dtype())).detach()
+class Flat(dist.ImproperUniform):
+    """Stan's flat prior on a constrained space (``ImproperUniform``, same ``log_prob`` = 0) whose
+    ``sample`` returns the point 0 of the unconstrained space instead of raising, so that
+    every Pyro init strategy and autoguide can start on these models (a starting point, not a
+    draw: the prior is improper)."""
 
-    return init
+    def sample(self, sample_shape=torch.Size()):
+        t = transform_to(self.support)
+        shape = t.inverse_shape(torch.Size(sample_shape) + self.batch_shape + self.event_shape)
+        return t(torch.zeros(shape, dtype=torch.get_default_dtype()))
+
+    def expand(self, batch_shape, _instance=None):
+        return Flat(self.support, torch.Size(batch_shape), self.event_shape)

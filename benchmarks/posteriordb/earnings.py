@@ -5,14 +5,14 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
-from .common import Posterior, load_json, tensor
+from .common import Flat, Posterior, load_json, tensor
 
 NAME = "earnings-logearn_interaction"
 
 
 def model(log_earn, height, male, inter):
-    beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (4,)))
-    sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+    beta = pyro.sample("beta", Flat(constraints.real, (), (4,)))
+    sigma = pyro.sample("sigma", Flat(constraints.positive, (), ()))
     # beta is (..., 1, 4) under a particle plate (left of the data plate): index it to (..., 1)
     mean = beta[..., 0] + beta[..., 1] * height + beta[..., 2] * male + beta[..., 3] * inter
     with pyro.plate("data", len(log_earn)):

@@ -5,7 +5,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
-from .common import Posterior, load_json, tensor
+from .common import Flat, Posterior, load_json, tensor
 
 NAME = "kilpisjarvi_mod-kilpisjarvi"
 
@@ -13,7 +13,7 @@ NAME = "kilpisjarvi_mod-kilpisjarvi"
 def model(x, y, pmualpha, psalpha, pmubeta, psbeta):
     alpha = pyro.sample("alpha", dist.Normal(pmualpha, psalpha))
     beta = pyro.sample("beta", dist.Normal(pmubeta, psbeta))
-    sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+    sigma = pyro.sample("sigma", Flat(constraints.positive, (), ()))
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
 

@@ -5,14 +5,14 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from .common import Posterior, load_json, tensor
+from .common import Flat, Posterior, load_json, tensor
 
 NAME = "nes2000-nes"
 
 
 def model(X, y):
-    beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (X.shape[-1],)))
-    sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+    beta = pyro.sample("beta", Flat(constraints.real, (), (X.shape[-1],)))
+    sigma = pyro.sample("sigma", Flat(constraints.positive, (), ()))
     mean = (beta * X).sum(-1)  # (..., 1, 9) * (N, 9) -> (..., N)
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(mean, sigma), obs=y)

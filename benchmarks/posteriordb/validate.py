@@ -20,10 +20,7 @@ import sys
 import torch
 from pyro.infer.mcmc.util import initialize_model
 
-from pyro.infer.autoguide.initialization import init_to_feasible
-
 from . import POSTERIORS, load
-from .common import feasible
 
 
 def stein_check(post, num_draws: int = 2000):
@@ -34,8 +31,7 @@ def stein_check(post, num_draws: int = 2000):
     draws = draws[:: max(1, len(draws) // num_draws)]
     values = post.unflatten(draws)
     _, potential_fn, transforms, _ = initialize_model(post.model, model_args=post.args,
-                                                      max_plate_nesting=post.max_plate_nesting,
-                                                      init_strategy=feasible(init_to_feasible))
+                                                      max_plate_nesting=post.max_plate_nesting)
     n = len(draws)
     params = {}
     for name, x in values.items():
