@@ -32,21 +32,25 @@ using neural transport", 2019 (for :class:`~pyro.infer.reparam.NeuTraReparam`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.distributions.transforms import LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
-from torch.distributions import biject_to
+from pyro import poutine
+from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import ComposeTransform
 
 from ..flow import Flow
 from ..transforms.base import Bijector
 from ..transforms.elementwise import elementwise
 from ..transforms.linear import Triangular
+from ..transforms.transformers import Affine
 from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics
 
 __all__ = ["AutoFlow", "default_flow"]
@@ -93,18 +97,31 @@ class _FlowDensity(torch.nn.Module):
     """``log q(theta)`` of the guide recomputed from scratch (layer inverses, no cache), so that
     :func:`torch.func.functional_call` can evaluate it with detached parameters."""
 
-    def __init__(self, flow: Flow, linear, standardise):
+    def __init__(self, flow: Flow, linear, standardise, whitening=()):
         super().__init__()
         self.flow = flow
         self.linear = linear
         self.standardise = standardise
+        self.whitening = list(whitening)  # fixed (buffers), no parameters
 
     def forward(self, theta):
+        whiten_ladj = 0.0
+        for t in reversed(self.whitening):
+            v = t.inv(theta)
+            whiten_ladj = whiten_ladj + t.log_abs_det_jacobian(v, theta)
+            theta = v
         u, ladj = self.standardise.inverse(theta)
+        ladj = ladj + whiten_ladj
         if self.linear is not None:
             u, l_linear = self.linear.inverse(u)
             ladj = ladj + l_linear
         return self.flow._direct_log_prob(u, use_cache=False) - ladj
+
+
+#: how far (nats) the path-derivative log q may differ from the forward pass's before AutoFlow
+#: falls back to the standard gradient for the step: ``atol + rtol * |log q|`` (float32 round-off
+#: of the layer inverses is far below this)
+STL_ATOL, STL_RTOL = 1e-2, 1e-3
 
 
 class _StickingTheLanding(TorchDistribution):
@@ -119,8 +136,8 @@ class _StickingTheLanding(TorchDistribution):
     arg_constraints = {}
     has_rsample = True
 
-    def __init__(self, posterior, log_density):
-        self.posterior, self._log_density = posterior, log_density
+    def __init__(self, posterior, log_density, on_fallback=None):
+        self.posterior, self._log_density, self._on_fallback = posterior, log_density, on_fallback
         super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
 
     @property
@@ -128,7 +145,7 @@ class _StickingTheLanding(TorchDistribution):
         return self.posterior.support
 
     def expand(self, batch_shape, _instance=None):
-        return _StickingTheLanding(self.posterior.expand(batch_shape), self._log_density)
+        return _StickingTheLanding(self.posterior.expand(batch_shape), self._log_density, self._on_fallback)
 
     def rsample(self, sample_shape=()):
         return self.posterior.rsample(sample_shape)
@@ -137,8 +154,46 @@ class _StickingTheLanding(TorchDistribution):
         return self.posterior.sample(sample_shape)
 
     def log_prob(self, value):
-        return self._log_density(value)
+        """The path-derivative log-density, checked against the forward pass's (cached) one on
+        the same draws; where they disagree (the layer inverses lost precision, e.g. after an
+        exploding step) or either is not finite, the forward one is returned: the standard
+        gradient for this step, never a wrong or NaN one."""
+        forward = self.posterior.log_prob(value)
+        stl = self._log_density(value)
+        with torch.no_grad():
+            gap = (stl - forward).abs()
+            ok = bool(torch.isfinite(stl).all() and (gap <= STL_ATOL + STL_RTOL * forward.abs()).all())
+        if ok:
+            return stl
+        if self._on_fallback is not None:
+            self._on_fallback(float(gap.nan_to_num(math.inf).max()))
+        return forward
 
+
+
+#: the standardising affine layer's scales are bounded to (e^-12, e^12): posterior sds from
+#: 1e-5 to 1e5 in the unconstrained space, and no step can blow them up
+SCALE_BOUND = 12.0
+#: the Laplace start: latent dimensions up to this (an exact D x D Hessian), L-BFGS iterations,
+#: and draws of the ELBO that decides between it and the init_loc_fn start
+LAPLACE_MAX_DIM, LAPLACE_MAX_ITER, LAPLACE_ELBO_DRAWS = 500, 200, 32
+
+
+def _unsamplable_at_origin(init_loc_fn):
+    """``init_loc_fn``, except that a site whose distribution cannot be sampled (Pyro's init
+    strategies all draw from it; ``ImproperUniform``, a flat prior, refuses) starts at the
+    point 0 of the unconstrained space."""
+
+    def init(site):
+        try:
+            return init_loc_fn(site)
+        except NotImplementedError:
+            fn = site["fn"]
+            t = transform_to(fn.support)
+            shape = t.inverse_shape(fn.batch_shape + fn.event_shape)
+            return t(torch.zeros(shape, dtype=torch.get_default_dtype())).detach()
+
+    return init
 
 
 class AutoFlow(AutoContinuous):
@@ -202,7 +257,7 @@ class AutoFlow(AutoContinuous):
     """
 
     def __init__(self, model, flow: str | Callable | None = None, *, init_loc_fn=init_to_median,
-                 init_scale: float = 1.0, linear: bool = True, stl: bool = True,
+                 init_scale: float = 1.0, linear: bool = True, stl: bool = True, laplace: bool = True,
                  num_quantile_samples: int = 2000, **flow_kw):
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
@@ -216,7 +271,11 @@ class AutoFlow(AutoContinuous):
         self.num_quantile_samples = int(num_quantile_samples)
         self.stl = bool(stl)
         self._use_linear = bool(linear)
-        super().__init__(model, init_loc_fn=init_loc_fn)
+        self.laplace = bool(laplace)
+        self.start = None  # "laplace" or "init_loc", set at the first call
+        self.num_stl_fallbacks = 0
+        self.num_nonfinite_grads = 0
+        super().__init__(model, init_loc_fn=_unsamplable_at_origin(init_loc_fn))
         self._user_model = (model,)  # a tuple keeps nn.Module from registering it
 
     # -- setup ---------------------------------------------------------------
@@ -229,20 +288,130 @@ class AutoFlow(AutoContinuous):
             self._refuse_discrete_sites()
         loc = self._init_loc().detach()
         flow = _build_flow(self._flow_spec, self.latent_dim, self._flow_kw)
-        affine = elementwise(self.latent_dim, "affine")
-        bound = affine.transformer.log_scale_bound
-        log_scale = min(max(math.log(self._init_scale), -0.99 * bound), 0.99 * bound)
-        with torch.no_grad():
-            params = torch.stack([loc, torch.full_like(loc, bound * math.atanh(log_scale / bound))], -1)
-            affine.params.copy_(params.to(affine.params.dtype))
+        affine = elementwise(self.latent_dim, Affine(SCALE_BOUND))
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
         self.linear = Triangular(self.latent_dim).to(dtype=loc.dtype, device=loc.device) if self._use_linear else None
         self.standardise = affine.to(dtype=loc.dtype, device=loc.device)
+        scale = torch.full_like(loc, self._init_scale)
+        self.start = "init_loc"
+        self.whiten_loc = self.whiten_tril = None
+        start = self._laplace_start(loc, scale, args, kwargs) if self.laplace else None
+        if start is None:
+            self._set_affine(loc, scale)
+        else:
+            # theta = mode + C (standardise(linear(flow(z)))): every trained layer starts at the
+            # identity in the Laplace-whitened coordinates, where the posterior has sds ~1 and no
+            # correlation, so an optimizer step of size lr moves q by ~lr posterior sds whatever
+            # the scales and correlations of the raw coordinates
+            self.whiten_loc, self.whiten_tril = start
+            self._set_affine(torch.zeros_like(loc), torch.ones_like(loc))
+            self.start = "laplace"
+        for param in self.parameters():
+            param.register_hook(self._finite_grad)
         if self.stl:
             bad = [type(t).__name__ for t in self.flow._all_transforms if not isinstance(t, Bijector)]
             if bad:
                 raise ValueError(f"stl=True needs every layer to be a pyroflows Bijector (it recomputes "
                                  f"log q through the layers' inverses); not: {', '.join(bad)}")
+
+    @torch.no_grad()
+    def _set_affine(self, loc, scale):
+        """Set the standardising affine layer to ``loc + scale * u`` (scales clamped to its bound)."""
+        bound = self.standardise.transformer.log_scale_bound
+        log_scale = scale.log().clamp(-0.99 * bound, 0.99 * bound)
+        raw = bound * torch.atanh(log_scale / bound)
+        self.standardise.params.copy_(torch.stack([loc, raw], -1).to(self.standardise.params.dtype))
+
+    def _finite_grad(self, grad):
+        """Gradient hook: a non-finite gradient entry (a NaN/inf loss, e.g. a draw far in a
+        tail where the model overflows) is replaced by 0, so the step cannot poison the
+        parameters; the user is warned once."""
+        if torch.isfinite(grad).all():
+            return grad
+        self.num_nonfinite_grads += 1
+        if self.num_nonfinite_grads == 1:
+            warnings.warn("AutoFlow: a non-finite gradient (NaN or inf loss) was replaced by 0 so that the "
+                          "parameters stay finite; the fit continues (count in guide.num_nonfinite_grads). "
+                          "If this repeats, lower the learning rate or check the model's density.",
+                          RuntimeWarning, stacklevel=2)
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _stl_fallback(self, gap: float):
+        self.num_stl_fallbacks += 1
+        if self.num_stl_fallbacks == 1:
+            warnings.warn(f"AutoFlow: the path-derivative (STL) log q, recomputed through the layer "
+                          f"inverses, differed from the forward pass by {gap:.3g} nats on this step; this "
+                          f"step used the standard gradient instead (count in guide.num_stl_fallbacks).",
+                          RuntimeWarning, stacklevel=2)
+
+    # -- the Laplace start ------------------------------------------------------
+    def _log_joint(self, theta, args, kwargs):
+        r""":math:`\log p(x, \theta)` plus the log-Jacobian of the map to the constrained
+        space, for one unconstrained latent vector ``theta`` (shape ``(D,)``)."""
+        values, log_jac = {}, 0.0
+        for site, u in self._unpack_latent(theta):
+            t = biject_to(site["fn"].support)
+            x = t(u)
+            values[site["name"]] = x
+            log_jac = log_jac + t.log_abs_det_jacobian(u, x).sum()
+        conditioned = poutine.condition(self._user_model[0], data=values)
+        trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
+        return trace.log_prob_sum() + log_jac
+
+    def _gaussian_elbo(self, loc, tril, eps, args, kwargs) -> float:
+        """Monte Carlo ELBO of the Gaussian ``loc + tril @ eps`` (common draws ``eps``)."""
+        total = 0.0
+        for e in eps:
+            total += float(self._log_joint(loc + tril @ e, args, kwargs))
+        entropy = float(torch.diagonal(tril).log().sum()) + 0.5 * len(loc) * (1.0 + math.log(2 * math.pi))
+        return total / len(eps) + entropy
+
+    def _laplace_start(self, loc, scale, args, kwargs):
+        r"""``(mode, chol)`` of the Laplace approximation :math:`\mathcal N(\hat\theta, C C^\top)`,
+        :math:`C C^\top = H^{-1}`, at the MAP :math:`\hat\theta` of the unconstrained latent
+        vector (L-BFGS in float64 from ``init_loc_fn``'s point, then the exact Hessian); or
+        ``None`` when there is no usable mode (no finite MAP, a Hessian that is not positive
+        definite) or when its ELBO is lower than that of the ``init_loc_fn`` start
+        :math:`\mathcal N(\theta_0, \text{init\_scale}^2 I)` on common draws (a mode in a
+        funnel's narrow neck loses that comparison)."""
+        if self.latent_dim > LAPLACE_MAX_DIM:
+            return None
+        for dtype in (torch.float64, loc.dtype):
+            try:
+                return self._laplace_in(dtype, loc, scale, args, kwargs)
+            except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError):
+                continue
+        return None
+
+    def _laplace_in(self, dtype, loc, scale, args, kwargs):
+        with torch.enable_grad():
+            theta = loc.detach().to(dtype).clone().requires_grad_()
+            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=LAPLACE_MAX_ITER, line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-9, tolerance_change=1e-12)
+
+            def closure():
+                opt.zero_grad()
+                loss = -self._log_joint(theta, args, kwargs)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("non-finite log density during the MAP search")
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            mode = theta.detach()
+            hess = torch.autograd.functional.hessian(lambda t: -self._log_joint(t, args, kwargs), mode)
+        hess = 0.5 * (hess + hess.T).double()
+        chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess))).to(dtype)
+        if not (torch.isfinite(mode).all() and torch.isfinite(chol).all()):
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        eps = torch.randn(LAPLACE_ELBO_DRAWS, self.latent_dim, generator=gen, dtype=torch.float64).to(mode)
+        with torch.no_grad():
+            elbo_laplace = self._gaussian_elbo(mode, chol, eps, args, kwargs)
+            elbo_init = self._gaussian_elbo(loc.to(dtype), torch.diag(scale.to(dtype)), eps, args, kwargs)
+        if not math.isfinite(elbo_laplace) or (math.isfinite(elbo_init) and elbo_init >= elbo_laplace):
+            return None
+        return mode.to(loc.dtype), chol.to(loc.dtype)
 
     def _refuse_discrete_sites(self):
         trace = getattr(self, "prototype_trace", None)
@@ -274,11 +443,11 @@ class AutoFlow(AutoContinuous):
         ``stl=True`` its log-density is the path-derivative one (see :class:`AutoFlow`)."""
         posterior = self.get_posterior(*args, **kwargs)
         if self.stl and torch.is_grad_enabled():
-            posterior = _StickingTheLanding(posterior, self._detached_log_prob)
+            posterior = _StickingTheLanding(posterior, self._detached_log_prob, self._stl_fallback)
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
 
     def _detached_log_prob(self, theta):
-        density = _FlowDensity(self.flow, self.linear, self.standardise)
+        density = _FlowDensity(self.flow, self.linear, self.standardise, self._whitening())
         params = {name: p.detach() for name, p in density.named_parameters()}
         return torch.func.functional_call(density, params, (theta,))
 
@@ -288,7 +457,14 @@ class AutoFlow(AutoContinuous):
 
     def _transforms(self):
         outer = [] if self.linear is None else [self.linear]
-        return list(self.flow().transforms) + outer + [self.standardise]
+        return list(self.flow().transforms) + outer + [self.standardise] + self._whitening()
+
+    def _whitening(self) -> list:
+        """The fixed map from the whitened coordinates to the latent vector (the Laplace start),
+        or nothing."""
+        if self.whiten_loc is None:
+            return []
+        return [LowerCholeskyAffine(self.whiten_loc, self.whiten_tril, cache_size=1)]
 
     # -- summaries ----------------------------------------------------------------
     @torch.no_grad()
