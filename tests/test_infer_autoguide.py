@@ -146,7 +146,7 @@ def test_diagnostics_exact_on_a_conjugate_model():
         with pyro.plate("n", 3):
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
 
-    guide = AutoFlow(conj, small_flow, laplace=False)
+    guide = AutoFlow(conj, small_flow, laplace=False, average=None)  # parameters set by hand below
     guide()
     post_var = 1.0 / (1.0 + 3.0)
     post_mean = post_var * data.sum()
@@ -325,7 +325,7 @@ def test_defaults_fit_an_unscaled_flat_prior_regression():
     resid_sd = float((Y_TEMP.double() - X @ ols).std())
     slope_se = resid_sd / float(X_YEARS.double().std() * len(X_YEARS) ** 0.5)
     draws = guide.sample_posterior(2000)
-    assert abs(float(draws["b"].double().mean()) - float(ols[1])) < 0.5 * slope_se
+    assert abs(float(draws["b"].double().mean()) - float(ols[1])) < 0.2 * slope_se
     assert 0.7 < float(draws["b"].double().std()) / slope_se < 1.3
 
 
@@ -369,3 +369,46 @@ def test_nonfinite_loss_does_not_poison_the_parameters():
     state["poison"] = False
     assert all(math.isfinite(svi.step()) for _ in range(5))
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+def test_iterate_average_is_what_no_grad_draws_use():
+    """With average=1.0 the average is the running mean of the parameters each SVI step
+    started from; draws under no_grad (Predictive, summaries, diagnostics) come from it, SVI
+    from the live parameters."""
+    guide = AutoFlow(model, small_flow, laplace=False, average=1.0)
+    with torch.no_grad():
+        guide()  # set up without folding anything into the average
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    seen = [guide.standardise.params.detach().clone()]
+    for _ in range(5):
+        svi.step()
+        seen.append(guide.standardise.params.detach().clone())
+    assert guide.num_averaged == 5
+    averaged = guide._averaged[2]
+    assert torch.allclose(averaged.params, torch.stack(seen[:5]).mean(0), atol=1e-6)
+    assert not torch.allclose(averaged.params, seen[-1])
+    assert guide._modules_in_use()[2] is guide.standardise
+    with torch.no_grad():
+        assert guide._modules_in_use()[2] is averaged
+        pyro.set_rng_seed(1)
+        from_average = guide.get_posterior().sample((10,))
+    pyro.set_rng_seed(1)
+    from_live = guide.get_posterior().sample((10,))
+    assert not torch.allclose(from_average, from_live)
+
+
+def test_diagnostics_and_inferencedata_with_unsamplable_flat_priors():
+    """A flat prior (ImproperUniform) cannot be sampled, so the model cannot run unconditioned;
+    diagnostics finds the plate nesting by replaying the model on the guide, and both accept
+    max_plate_nesting as Predictive does."""
+    guide = AutoFlow(unscaled_regression, small_flow, laplace=False)
+    fit(guide, mdl=unscaled_regression, steps=2, lr=1e-3)
+    for nesting in (None, 1):
+        diag = guide.diagnostics(num_samples=50, max_plate_nesting=nesting)
+        assert diag.num_samples == 50
+    idata = guide.to_inferencedata(num_samples=20, max_plate_nesting=2)
+    assert idata.posterior["sigma"].shape == (1, 20)
+    plated = AutoFlow(plated_model, small_flow, laplace=False)
+    plated()
+    with pytest.raises(ValueError, match="max_plate_nesting"):
+        plated.sample_posterior(3, max_plate_nesting=0)

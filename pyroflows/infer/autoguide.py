@@ -31,6 +31,7 @@ using neural transport", 2019 (for :class:`~pyro.infer.reparam.NeuTraReparam`).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -175,8 +176,8 @@ class _StickingTheLanding(TorchDistribution):
 #: 1e-5 to 1e5 in the unconstrained space, and no step can blow them up
 SCALE_BOUND = 12.0
 #: the Laplace start: latent dimensions up to this (an exact D x D Hessian), L-BFGS iterations,
-#: and draws of the ELBO that decides between it and the init_loc_fn start
-LAPLACE_MAX_DIM, LAPLACE_MAX_ITER, LAPLACE_ELBO_DRAWS = 500, 200, 32
+#: Newton steps after them, and draws of the ELBO that decides between it and the init_loc_fn start
+LAPLACE_MAX_DIM, LAPLACE_MAX_ITER, LAPLACE_NEWTON_STEPS, LAPLACE_ELBO_DRAWS = 500, 200, 20, 32
 
 
 def _unsamplable_at_origin(init_loc_fn):
@@ -258,7 +259,9 @@ class AutoFlow(AutoContinuous):
 
     def __init__(self, model, flow: str | Callable | None = None, *, init_loc_fn=init_to_median,
                  init_scale: float = 1.0, linear: bool = True, stl: bool = True, laplace: bool = True,
-                 num_quantile_samples: int = 2000, **flow_kw):
+                 average: float | None = 0.99, num_quantile_samples: int = 2000, **flow_kw):
+        if average is not None and not 0.0 <= average <= 1.0:
+            raise ValueError(f"average must be None or in [0, 1], got {average}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         if flow is None:
@@ -272,6 +275,9 @@ class AutoFlow(AutoContinuous):
         self.stl = bool(stl)
         self._use_linear = bool(linear)
         self.laplace = bool(laplace)
+        self.average = average
+        self._averaged = None  # (flow, linear, standardise) copies holding the iterate average
+        self.num_averaged = 0
         self.start = None  # "laplace" or "init_loc", set at the first call
         self.num_stl_fallbacks = 0
         self.num_nonfinite_grads = 0
@@ -306,6 +312,11 @@ class AutoFlow(AutoContinuous):
             self.whiten_loc, self.whiten_tril = start
             self._set_affine(torch.zeros_like(loc), torch.ones_like(loc))
             self.start = "laplace"
+        if self.average is not None:  # copied before the hooks: the average has no gradients
+            self._averaged = tuple(copy.deepcopy(m) for m in (self.flow, self.linear, self.standardise))
+            for m in self._averaged:
+                for q in ([] if m is None else m.parameters()):
+                    q.requires_grad_(False)
         for param in self.parameters():
             param.register_hook(self._finite_grad)
         if self.stl:
@@ -335,6 +346,26 @@ class AutoFlow(AutoContinuous):
                           "If this repeats, lower the learning rate or check the model's density.",
                           RuntimeWarning, stacklevel=2)
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    @torch.no_grad()
+    def _update_average(self):
+        """Fold the current parameters (just updated by the optimizer) into the iterate average:
+        :math:`\bar\phi \leftarrow \bar\phi + w (\phi - \bar\phi)`, :math:`w = \max(1/n,
+        1 - \text{average})` (a running mean for the first ``1 / (1 - average)`` steps, then
+        an exponential moving average with that time constant)."""
+        self.num_averaged += 1
+        w = max(1.0 / self.num_averaged, 1.0 - self.average)
+        for avg, live in zip(self._averaged, (self.flow, self.linear, self.standardise)):
+            if live is not None:
+                for a, p in zip(avg.parameters(), live.parameters()):
+                    a.lerp_(p.detach(), w)
+
+    def _modules_in_use(self):
+        """``(flow, linear, standardise)``: the trained ones while gradients are on (SVI), the
+        iterate average under ``torch.no_grad`` (Predictive, the summaries, diagnostics)."""
+        if self._averaged is not None and self.num_averaged > 0 and not torch.is_grad_enabled():
+            return self._averaged
+        return self.flow, self.linear, self.standardise
 
     def _stl_fallback(self, gap: float):
         self.num_stl_fallbacks += 1
@@ -398,9 +429,7 @@ class AutoFlow(AutoContinuous):
                 return loss
 
             opt.step(closure)
-            mode = theta.detach()
-            hess = torch.autograd.functional.hessian(lambda t: -self._log_joint(t, args, kwargs), mode)
-        hess = 0.5 * (hess + hess.T).double()
+            mode, hess = self._newton(theta.detach(), args, kwargs)
         chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess))).to(dtype)
         if not (torch.isfinite(mode).all() and torch.isfinite(chol).all()):
             return None
@@ -412,6 +441,37 @@ class AutoFlow(AutoContinuous):
         if not math.isfinite(elbo_laplace) or (math.isfinite(elbo_init) and elbo_init >= elbo_laplace):
             return None
         return mode.to(loc.dtype), chol.to(loc.dtype)
+
+    def _newton(self, theta, args, kwargs, steps: int = LAPLACE_NEWTON_STEPS):
+        """Polish a mode with damped Newton steps (exact Hessian; L-BFGS alone stalls on
+        ridges such as an uncentred regression's intercept/slope); returns ``(mode, Hessian)``
+        of the negative log joint, the Hessian symmetrised in float64."""
+        def neg(t):
+            return -self._log_joint(t, args, kwargs)
+
+        def grad_hess(t):
+            t = t.detach().requires_grad_()
+            g = torch.autograd.grad(neg(t), t)[0]
+            h = torch.autograd.functional.hessian(neg, t.detach())
+            return g.detach().double(), 0.5 * (h + h.T).double()
+
+        g, h = grad_hess(theta)
+        for _ in range(steps):
+            step = torch.linalg.solve(h, g)
+            decrement = float(g @ step)
+            if not decrement > 1e-12:  # converged, or not a descent direction (no usable mode)
+                break
+            f0, scale = float(neg(theta)), 1.0
+            while scale > 1e-4:
+                trial = theta - (scale * step).to(theta)
+                if float(neg(trial)) < f0:
+                    theta = trial
+                    break
+                scale *= 0.5
+            else:
+                break
+            g, h = grad_hess(theta)
+        return theta, h
 
     def _refuse_discrete_sites(self):
         trace = getattr(self, "prototype_trace", None)
@@ -432,7 +492,7 @@ class AutoFlow(AutoContinuous):
     # -- the posterior ----------------------------------------------------------
     def get_base_dist(self):
         """The flow's base :math:`p_0` (standard normal over the latent vector)."""
-        return self.flow.base_distribution()
+        return self._modules_in_use()[0].base_distribution()
 
     def get_transform(self, *args, **kwargs):
         """The composed map base -> unconstrained latent (flow, then the affine layer)."""
@@ -441,6 +501,8 @@ class AutoFlow(AutoContinuous):
     def sample_latent(self, *args, **kwargs):
         """A draw of the unconstrained latent vector (the guide's auxiliary site); with
         ``stl=True`` its log-density is the path-derivative one (see :class:`AutoFlow`)."""
+        if self._averaged is not None and torch.is_grad_enabled():
+            self._update_average()
         posterior = self.get_posterior(*args, **kwargs)
         if self.stl and torch.is_grad_enabled():
             posterior = _StickingTheLanding(posterior, self._detached_log_prob, self._stl_fallback)
@@ -456,8 +518,9 @@ class AutoFlow(AutoContinuous):
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
 
     def _transforms(self):
-        outer = [] if self.linear is None else [self.linear]
-        return list(self.flow().transforms) + outer + [self.standardise] + self._whitening()
+        flow, linear, standardise = self._modules_in_use()
+        outer = [] if linear is None else [linear]
+        return list(flow().transforms) + outer + [standardise] + self._whitening()
 
     def _whitening(self) -> list:
         """The fixed map from the whitened coordinates to the latent vector (the Laplace start),
@@ -468,13 +531,18 @@ class AutoFlow(AutoContinuous):
 
     # -- summaries ----------------------------------------------------------------
     @torch.no_grad()
-    def sample_posterior(self, num_samples: int, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def sample_posterior(self, num_samples: int, *args, max_plate_nesting: int | None = None,
+                         **kwargs) -> dict[str, torch.Tensor]:
         """``num_samples`` posterior draws of each latent site in the constrained space,
-        as a dict ``name -> tensor of shape (num_samples, *site_shape)``."""
+        as a dict ``name -> tensor of shape (num_samples, *site_shape)``.  ``max_plate_nesting``
+        (as in Pyro's ``Predictive``) defaults to the latent sites' own plates."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.get_posterior(*args, **kwargs).sample((int(num_samples),))
-        nesting = self._prototype_plate_nesting()
+        nesting = self._prototype_plate_nesting() if max_plate_nesting is None else int(max_plate_nesting)
+        if nesting < self._prototype_plate_nesting():
+            raise ValueError(f"max_plate_nesting={nesting} is smaller than the model's latent plates "
+                             f"({self._prototype_plate_nesting()})")
         latent = latent.reshape((latent.shape[0],) + (1,) * nesting + latent.shape[-1:])
         out = {}
         for site, unconstrained in self._unpack_latent(latent):
@@ -517,10 +585,11 @@ class AutoFlow(AutoContinuous):
                                          max_plate_nesting=max_plate_nesting, **kwargs)
         return importance_diagnostics(lw)
 
-    def to_inferencedata(self, *args, num_samples: int = 1000, **kwargs):
+    def to_inferencedata(self, *args, num_samples: int = 1000, max_plate_nesting: int | None = None, **kwargs):
         """An ArviZ ``InferenceData`` with ``num_samples`` posterior draws (one chain) of each
-        latent site in the constrained space."""
+        latent site in the constrained space (``max_plate_nesting`` as in ``Predictive``; the
+        model is never run unconditioned)."""
         import arviz
 
-        draws = self.sample_posterior(num_samples, *args, **kwargs)
+        draws = self.sample_posterior(num_samples, *args, max_plate_nesting=max_plate_nesting, **kwargs)
         return arviz.from_dict(posterior={k: v.unsqueeze(0).cpu().numpy() for k, v in draws.items()})
