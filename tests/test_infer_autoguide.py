@@ -260,7 +260,7 @@ def test_stl_fit_recovers_a_correlated_gaussian_posterior():
     def corr_model():
         pyro.sample("x", dist.MultivariateNormal(torch.tensor([1.0, -1.0]), cov))
 
-    guide = AutoFlow(corr_model, small_flow, init_scale=0.5)
+    guide = AutoFlow(corr_model, small_flow, init_scale=0.5, stl=True)
     pyro.clear_param_store()
     svi = SVI(corr_model, guide, pyro.optim.Adam({"lr": 0.05}),
               Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0))
@@ -287,7 +287,7 @@ def test_linear_layer_is_optional_and_part_of_the_transform():
 def test_laplace_start_is_the_exact_posterior_of_a_gaussian_model():
     """On a conjugate Gaussian model the Laplace start *is* the posterior: the guide starts
     at N(sum/(1+n), 1/(1+n)) per coordinate, and the STL gradient there is zero."""
-    guide = AutoFlow(conj_model, small_flow)
+    guide = AutoFlow(conj_model, small_flow, stl=True)
     guide()
     assert guide.start == "laplace"
     post = guide.get_posterior()
@@ -325,14 +325,15 @@ def test_defaults_fit_an_unscaled_flat_prior_regression():
     resid_sd = float((Y_TEMP.double() - X @ ols).std())
     slope_se = resid_sd / float(X_YEARS.double().std() * len(X_YEARS) ** 0.5)
     draws = guide.sample_posterior(2000)
-    assert abs(float(draws["b"].double().mean()) - float(ols[1])) < 0.2 * slope_se
+    # the Laplace start alone is within 0.02 se; 60 single-particle steps add noise
+    assert abs(float(draws["b"].double().mean()) - float(ols[1])) < 0.3 * slope_se
     assert 0.7 < float(draws["b"].double().std()) / slope_se < 1.3
 
 
 def test_stl_falls_back_to_the_standard_gradient_when_the_inverse_disagrees():
     """A path-derivative log q that disagrees with the forward pass (here: corrupted on
     purpose) or is NaN is not used: the step takes the standard estimator, with a warning."""
-    guide = AutoFlow(conj_model, small_flow, laplace=False, init_scale=0.5)
+    guide = AutoFlow(conj_model, small_flow, stl=True, laplace=False, init_scale=0.5)
     guide()
     honest = guide._detached_log_prob
     for corrupt in (lambda t: honest(t) + 5.0, lambda t: honest(t) * float("nan")):
