@@ -88,7 +88,7 @@ class Flat(dist.ImproperUniform):
     every Pyro init strategy and autoguide can start on these models (a starting point, not a
     draw: the prior is improper)."""
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         t = transform_to(self.support)
         shape = t.inverse_shape(torch.Size(sample_shape) + self.batch_shape + self.event_shape)
         return t(torch.zeros(shape, dtype=torch.get_default_dtype()))

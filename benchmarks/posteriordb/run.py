@@ -109,7 +109,7 @@ def table(rows: list[dict]) -> str:
     for (p, g), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), gorder.get(kv[0][1], 99))):
         rs = sorted(rs, key=lambda r: r["seed"])
 
-        def col(f):
+        def col(f, rs=rs):
             return " / ".join("crash" if "crashed" in r else f(r) for r in rs)
 
         khat = col(lambda r: format(r["khat"], ".2f"))

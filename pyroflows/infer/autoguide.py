@@ -397,7 +397,7 @@ class AutoFlow(AutoContinuous):
 
     @torch.no_grad()
     def _update_average(self):
-        """Fold the current parameters (just updated by the optimizer) into the iterate average:
+        r"""Fold the current parameters (just updated by the optimizer) into the iterate average:
         :math:`\bar\phi \leftarrow \bar\phi + w (\phi - \bar\phi)`, :math:`w = \max(1/n,
         1 - \text{average})` (a running mean for the first ``1 / (1 - average)`` steps, then
         an exponential moving average with that time constant)."""
