@@ -1,5 +1,7 @@
 """AutoFlow inside ordinary Pyro code: SVI, Predictive, median/quantiles, NeuTra, diagnostics."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -50,7 +52,7 @@ def _seed():
 
 def test_svi_trains_every_parameter_and_starts_at_init_loc():
     guide = AutoFlow(model, small_flow, init_loc_fn=init_to_value(values={"loc": torch.tensor(0.7), "scale": torch.tensor(2.0)}),
-                     init_scale=0.05)
+                     init_scale=0.05, laplace=False)
     guide()  # sets up the prototype
     # at initialisation q is N(init_loc, init_scale^2) in the unconstrained space
     draws = guide.sample_posterior(2000)
@@ -144,7 +146,7 @@ def test_diagnostics_exact_on_a_conjugate_model():
         with pyro.plate("n", 3):
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
 
-    guide = AutoFlow(conj, small_flow)
+    guide = AutoFlow(conj, small_flow, laplace=False, average=None)  # parameters set by hand below
     guide()
     post_var = 1.0 / (1.0 + 3.0)
     post_mean = post_var * data.sum()
@@ -226,7 +228,7 @@ def test_stl_gradient_is_zero_at_the_exact_posterior():
     grads = {}
     for stl in (True, False):
         pyro.clear_param_store()
-        guide = AutoFlow(conj_model, small_flow, stl=stl)
+        guide = AutoFlow(conj_model, small_flow, stl=stl, laplace=False)
         guide()
         with torch.no_grad():
             bound = guide.standardise.transformer.log_scale_bound
@@ -258,7 +260,7 @@ def test_stl_fit_recovers_a_correlated_gaussian_posterior():
     def corr_model():
         pyro.sample("x", dist.MultivariateNormal(torch.tensor([1.0, -1.0]), cov))
 
-    guide = AutoFlow(corr_model, small_flow, init_scale=0.5)
+    guide = AutoFlow(corr_model, small_flow, init_scale=0.5, stl=True)
     pyro.clear_param_store()
     svi = SVI(corr_model, guide, pyro.optim.Adam({"lr": 0.05}),
               Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0))
@@ -278,3 +280,136 @@ def test_linear_layer_is_optional_and_part_of_the_transform():
     guide()
     assert isinstance(guide.linear, pyroflows.transforms.linear.Triangular)
     assert guide.linear in guide.get_transform().parts
+
+
+# --- robustness on real posteriors (issue 16) ----------------------------------------------
+
+def test_laplace_start_is_the_exact_posterior_of_a_gaussian_model():
+    """On a conjugate Gaussian model the Laplace start *is* the posterior: the guide starts
+    at N(sum/(1+n), 1/(1+n)) per coordinate, and the STL gradient there is zero."""
+    guide = AutoFlow(conj_model, small_flow, stl=True)
+    guide()
+    assert guide.start == "laplace"
+    post = guide.get_posterior()
+    theta = post.sample((4000,))
+    assert torch.allclose(theta.mean(0), torch.full((2,), float(CONJ_DATA.sum() / 4)), atol=0.03)
+    assert torch.allclose(theta.std(0), torch.full((2,), 0.5), atol=0.02)
+    assert _elbo_grads(guide, 16).abs().max() < 1e-4
+
+
+X_YEARS = torch.arange(1952.0, 2014.0)
+Y_TEMP = -8.0 + 0.02 * (X_YEARS - 1980) + 0.9 * torch.sin(X_YEARS)  # a deterministic "noise"
+
+
+def unscaled_regression(x=X_YEARS, y=Y_TEMP):
+    """Kilpisjarvi-like: an uncentred covariate (intercept and slope correlate at |r| ~ 0.9999,
+    sds thousands apart) and a flat prior on sigma (an ImproperUniform: not samplable)."""
+    a = pyro.sample("a", dist.Normal(0.0, 100.0))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.ImproperUniform(dist.constraints.positive, (), ()))
+    with pyro.plate("n", len(y)):
+        pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
+
+
+def test_defaults_fit_an_unscaled_flat_prior_regression():
+    """The issue's crash: flat prior, unscaled predictor.  With the defaults the flow starts at
+    the Laplace Gaussian in whitened coordinates, trains without a non-finite step, and its
+    slope matches least squares (the flat/wide priors make the posterior mean ~ OLS)."""
+    guide = AutoFlow(unscaled_regression)
+    losses = fit(guide, mdl=unscaled_regression, steps=60, lr=1e-2)
+    assert guide.start == "laplace"
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+    X = torch.stack([torch.ones_like(X_YEARS), X_YEARS], -1).double()
+    ols = torch.linalg.lstsq(X, Y_TEMP.double().unsqueeze(-1)).solution.squeeze(-1)
+    resid_sd = float((Y_TEMP.double() - X @ ols).std())
+    slope_se = resid_sd / float(X_YEARS.double().std() * len(X_YEARS) ** 0.5)
+    draws = guide.sample_posterior(2000)
+    # the Laplace start alone is within 0.02 se; 60 single-particle steps add noise
+    assert abs(float(draws["b"].double().mean()) - float(ols[1])) < 0.3 * slope_se
+    assert 0.7 < float(draws["b"].double().std()) / slope_se < 1.3
+
+
+def test_stl_falls_back_to_the_standard_gradient_when_the_inverse_disagrees():
+    """A path-derivative log q that disagrees with the forward pass (here: corrupted on
+    purpose) or is NaN is not used: the step takes the standard estimator, with a warning."""
+    guide = AutoFlow(conj_model, small_flow, stl=True, laplace=False, init_scale=0.5)
+    guide()
+    honest = guide._detached_log_prob
+    for corrupt in (lambda t: honest(t) + 5.0, lambda t: honest(t) * float("nan")):
+        guide._detached_log_prob = corrupt
+        with pytest.warns(RuntimeWarning, match="standard gradient"):
+            pyro.set_rng_seed(3)
+            got = _elbo_grads(guide, 8)
+        guide.stl = False
+        pyro.set_rng_seed(3)
+        want = _elbo_grads(guide, 8)
+        guide.stl = True
+        assert torch.allclose(got, want)
+        guide.num_stl_fallbacks = 0  # so the next one warns again
+    assert guide.num_stl_fallbacks == 0
+
+
+def test_nonfinite_loss_does_not_poison_the_parameters():
+    """A step whose loss is NaN (the model overflows) leaves every parameter finite; the fit
+    goes on and the user is warned."""
+    state = {"poison": False}
+
+    def flaky():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("f", -0.5 * (x - 1.0) ** 2 + (x * float("nan") if state["poison"] else 0.0))
+
+    guide = AutoFlow(flaky, small_flow, laplace=False)
+    svi = SVI(flaky, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi.step()
+    state["poison"] = True
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"), pyro.validation_enabled(False):
+        svi.step()
+    assert guide.num_nonfinite_grads > 0
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+    state["poison"] = False
+    assert all(math.isfinite(svi.step()) for _ in range(5))
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+def test_iterate_average_is_what_no_grad_draws_use():
+    """With average=1.0 the average is the running mean of the parameters each SVI step
+    started from; draws under no_grad (Predictive, summaries, diagnostics) come from it, SVI
+    from the live parameters."""
+    guide = AutoFlow(model, small_flow, laplace=False, average=1.0)
+    with torch.no_grad():
+        guide()  # set up without folding anything into the average
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    seen = [guide.standardise.params.detach().clone()]
+    for _ in range(5):
+        svi.step()
+        seen.append(guide.standardise.params.detach().clone())
+    assert guide.num_averaged == 5
+    averaged = guide._averaged[2]
+    assert torch.allclose(averaged.params, torch.stack(seen[:5]).mean(0), atol=1e-6)
+    assert not torch.allclose(averaged.params, seen[-1])
+    assert guide._modules_in_use()[2] is guide.standardise
+    with torch.no_grad():
+        assert guide._modules_in_use()[2] is averaged
+        pyro.set_rng_seed(1)
+        from_average = guide.get_posterior().sample((10,))
+    pyro.set_rng_seed(1)
+    from_live = guide.get_posterior().sample((10,))
+    assert not torch.allclose(from_average, from_live)
+
+
+def test_diagnostics_and_inferencedata_with_unsamplable_flat_priors():
+    """A flat prior (ImproperUniform) cannot be sampled, so the model cannot run unconditioned;
+    diagnostics finds the plate nesting by replaying the model on the guide, and both accept
+    max_plate_nesting as Predictive does."""
+    guide = AutoFlow(unscaled_regression, small_flow, laplace=False)
+    fit(guide, mdl=unscaled_regression, steps=2, lr=1e-3)
+    for nesting in (None, 1):
+        diag = guide.diagnostics(num_samples=50, max_plate_nesting=nesting)
+        assert diag.num_samples == 50
+    idata = guide.to_inferencedata(num_samples=20, max_plate_nesting=2)
+    assert idata.posterior["sigma"].shape == (1, 20)
+    plated = AutoFlow(plated_model, small_flow, laplace=False)
+    plated()
+    with pytest.raises(ValueError, match="max_plate_nesting"):
+        plated.sample_posterior(3, max_plate_nesting=0)

@@ -95,9 +95,16 @@ def importance_diagnostics(log_weights: torch.Tensor) -> ImportanceDiagnostics:
                                  log_evidence_se=se, elbo=elbo, num_samples=n)
 
 
-def model_plate_nesting(model, *args, **kwargs) -> int:
-    """Deepest plate nesting of ``model`` (observed sites included), from one trace."""
+def model_plate_nesting(model, *args, guide=None, **kwargs) -> int:
+    """Deepest plate nesting of ``model`` (observed sites included), from one trace.
+
+    With a ``guide``, the model is replayed on a draw of the guide (as Pyro's ``Predictive``
+    does), so models whose latent sites cannot be sampled from their prior (a flat
+    ``ImproperUniform``, say) work too; without one, the model runs unconditioned."""
     with torch.no_grad():
+        if guide is not None:
+            guide_trace = pyro.poutine.block(pyro.poutine.trace(guide).get_trace)(*args, **kwargs)
+            model = pyro.poutine.replay(model, trace=guide_trace)
         trace = pyro.poutine.block(pyro.poutine.trace(model).get_trace)(*args, **kwargs)
     return max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
                 for f in site["cond_indep_stack"] if f.vectorized), default=0)
@@ -111,13 +118,13 @@ def guide_log_weights(model, guide, *args, num_samples: int = 4000, max_plate_ne
 
     Vectorised over draws in chunks of ``chunk_size``: the model must broadcast
     over a leading batch dimension left of its plates, as for
-    ``Trace_ELBO(vectorize_particles=True)``.  ``max_plate_nesting`` is found by
-    tracing the model when not given.
+    ``Trace_ELBO(vectorize_particles=True)``.  ``max_plate_nesting`` (as in Pyro's
+    ``Predictive``) is found, when not given, by replaying the model on one draw of the guide.
     """
     from pyro.infer.importance import vectorized_importance_weights
 
     if max_plate_nesting is None:
-        max_plate_nesting = model_plate_nesting(model, *args, **kwargs)
+        max_plate_nesting = model_plate_nesting(model, *args, guide=guide, **kwargs)
     out, left = [], int(num_samples)
     while left > 0:
         n = min(left, int(chunk_size))
