@@ -190,3 +190,15 @@ def test_base_is_a_module_and_a_fixed_distribution_is_accepted():
     fixed = dist.Normal(torch.ones(2), torch.ones(2)).to_event(1)
     flow = Flow([T.elementwise(2, kind="affine")], base=fixed)
     assert isinstance(flow.base, torch.nn.Module) and flow.base_distribution() is fixed
+
+
+def test_torch_transforms_in_a_flow_after_zuko_patched_them():
+    # zuko adds a call_and_ladj of its own to torch's Transform class; ours is recognised by type
+    zuko = pytest.importorskip("zuko")
+    from torch.distributions.transforms import ExpTransform
+
+    assert zuko is not None and hasattr(ExpTransform(), "call_and_ladj")
+    torch.manual_seed(0)
+    flow = Flow([T.elementwise(2, kind="affine"), ExpTransform()])
+    x = flow.sample((4,))
+    assert torch.allclose(flow.log_prob(x), flow().log_prob(x))

@@ -56,7 +56,8 @@ def _composed_codomain(parts):
 
 def _step(t, v, inverse: bool, cache: bool):
     """One layer's ``(output, log|det J|)``, through its public pass when it has one."""
-    if hasattr(t, "call_and_ladj"):
+    # ours, by type: other libraries (zuko) patch a ``call_and_ladj`` of their own onto torch's Transform
+    if isinstance(t, CachedPasses):
         return t.inverse_and_ladj(v, cache=cache) if inverse else t.call_and_ladj(v, cache=cache)
     if not cache:  # any other Pyro / torch transform, without its cache
         try:
@@ -141,6 +142,17 @@ class _Cascade(CachedPasses):
 
     def _training_flag(self):
         return tuple(_training(t) for t in self._steps())
+
+    def forward_shape(self, shape):
+        """The output shape: each part's ``forward_shape`` in turn (a squeeze reshapes the event)."""
+        for t in self._steps():
+            shape = t.forward_shape(shape)
+        return shape
+
+    def inverse_shape(self, shape):
+        for t in reversed(self._steps()):
+            shape = t.inverse_shape(shape)
+        return shape
 
     @property
     def sign(self):

@@ -228,7 +228,7 @@ class GeneralizedChannelPermute(_ChannelLU, Bijector):
     Starts at a random rotation (its LU factors), as Glow does.
 
     Args:
-        channels: :math:`C` (default 3, Pyro's; or ``shape[0]``).
+        channels: :math:`C` (``None``, the default: ``shape[0]`` when ``shape`` is given, else Pyro's 3).
         permutation: channel indices of :math:`P` (default: the pivots of the
             random rotation).
         shape: the image shape ``(C, H, W)`` (optional: the layer works for any

@@ -74,7 +74,7 @@ class _RecomputingNormalizingPass(torch.autograd.Function):
         z = x
         ladj = x.new_zeros(())
         for layer in reversed(layers):
-            z, l_ = layer._inverse_and_ladj(z)
+            z, l_ = layer.inverse_and_ladj(z, cache=False)
             ladj = ladj + l_
         ctx.layers = layers
         ctx.save_for_backward(z)
@@ -87,11 +87,11 @@ class _RecomputingNormalizingPass(torch.autograd.Function):
         grads = {id(p): None for p in params}
         for layer in ctx.layers:  # from the base side: layers[0] produced z
             with torch.no_grad():
-                x, _ = layer._call_and_ladj(out)  # this layer's input, recomputed from its output
+                x, _ = layer.call_and_ladj(out, cache=False)  # this layer's input, recomputed from its output
             ps = [p for p in layer.parameters() if p.requires_grad]
             with torch.enable_grad():
                 x = x.detach().requires_grad_()
-                y, l_ = layer._inverse_and_ladj(x)
+                y, l_ = layer.inverse_and_ladj(x, cache=False)
                 outs = [(y, grad_z), (l_, grad_ladj.expand_as(l_))]
                 outs = [(o, g) for o, g in outs if o.requires_grad]  # a squeeze's log-det is a constant
                 got = torch.autograd.grad([o for o, _ in outs], [x, *ps], [g for _, g in outs],

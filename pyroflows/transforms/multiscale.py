@@ -67,10 +67,10 @@ class OnTail(Bijector):
         return out.reshape(x.shape), ladj
 
     def _call_and_ladj(self, x):
-        return self._run(x, self.layer._call_and_ladj, self._in_shape)
+        return self._run(x, lambda v: self.layer.call_and_ladj(v, cache=False), self._in_shape)
 
     def _inverse_and_ladj(self, y):
-        return self._run(y, self.layer._inverse_and_ladj, self._out_shape)
+        return self._run(y, lambda v: self.layer.inverse_and_ladj(v, cache=False), self._out_shape)
 
     def extra_repr(self):
         return f"offset={self.offset}"
@@ -101,14 +101,14 @@ class MultiScale(Bijector):
     def _call_and_ladj(self, x):
         ladj = x.new_zeros(x.shape[:-3])
         for layer in self.layers:
-            x, l_ = layer._call_and_ladj(x)
+            x, l_ = layer.call_and_ladj(x, cache=False)
             ladj = ladj + l_
         return x, ladj
 
     def _inverse_and_ladj(self, y):
         ladj = y.new_zeros(y.shape[:-3])
         for layer in reversed(self.layers):
-            y, l_ = layer._inverse_and_ladj(y)
+            y, l_ = layer.inverse_and_ladj(y, cache=False)
             ladj = ladj + l_
         return y, ladj
 
