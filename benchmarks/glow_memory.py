@@ -24,18 +24,14 @@ Usage: ``python benchmarks/glow_memory.py`` (writes ``docs/bench_glow_memory.md`
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reversible_memory import _status_kb  # noqa: E402  (the same /proc reader)
+from memory_probe import ROOT, peak_step, run_fresh, saved_activation_mb  # noqa: E402
 
 SHAPE, LEVELS, HIDDEN, BATCH, DEPTHS = (3, 16, 16), 2, 64, 256, (4, 32)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(steps: int, memory_saving: bool) -> dict:
@@ -55,41 +51,15 @@ def measure(steps: int, memory_saving: bool) -> dict:
         loss.backward()
         opt.step()
 
-    step(x[:8])  # warm-up: ActNorm init, .grad and Adam state allocated
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    step(x)
-    seconds = time.perf_counter() - t0
-    rss_mb = (_status_kb("VmHWM") - base) / 1024
-
-    params = {p.data_ptr() for p in flow.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = -flow.log_prob(x).mean()
-    loss.backward()
+    rss_mb, seconds = peak_step(step, x)
+    saved_mb = saved_activation_mb(lambda: -flow.log_prob(x).mean(), flow.parameters())
     param_mb = sum(p.numel() * p.element_size() for p in flow.parameters()) / 2**20
-    return {"steps": steps, "memory_saving": memory_saving, "saved_mb": sum(saved.values()) / 2**20,
+    return {"steps": steps, "memory_saving": memory_saving, "saved_mb": saved_mb,
             "rss_mb": rss_mb, "seconds": seconds, "param_mb": param_mb}
 
 
-def run_fresh(steps: int, memory_saving: bool) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, __file__, "--one", str(steps), str(int(memory_saving))],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
-    rows = [run_fresh(d, m) for m in (False, True) for d in DEPTHS]
+    rows = [run_fresh(__file__, d, int(m)) for m in (False, True) for d in DEPTHS]
     by = {(r["steps"], r["memory_saving"]): r for r in rows}
     lines = [
         "# Glow: training-step memory vs depth",

@@ -20,23 +20,13 @@ Usage: ``python benchmarks/reversible_memory.py`` (writes
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 WIDTH, BATCH, DEPTHS = 256, 4096, (4, 32)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_probe import ROOT, peak_step, run_fresh, saved_activation_mb  # noqa: E402
 
 
 def measure(depth: int, memory_saving: bool) -> dict:
@@ -52,49 +42,23 @@ def measure(depth: int, memory_saving: bool) -> dict:
     x = torch.randn(BATCH, WIDTH)
 
     def step(x):
-        y, _ = layer._call_and_ladj(x)
+        y, _ = layer.call_and_ladj(x, cache=False)
         y.pow(2).mean().backward()
         with torch.no_grad():
             for p in layer.parameters():
                 p.sub_(1e-3 * p.grad)
 
-    # 1. peak RSS of one training step; a tiny warm-up step first initialises torch's lazy state
-    step(x[:8])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    step(x)
-    seconds = time.perf_counter() - t0
-    rss_mb = (_status_kb("VmHWM") - base) / 1024
-
+    rss_mb, seconds = peak_step(step, x)  # 1. peak RSS of one training step
     # 2. activation bytes saved for backward by the forward pass
-    params = {p.data_ptr() for p in layer.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, _ = layer._call_and_ladj(x)
-    y.pow(2).mean().backward()
+    saved_mb = saved_activation_mb(lambda: layer.call_and_ladj(x, cache=False)[0].pow(2).mean(),
+                                   layer.parameters())
     param_mb = sum(p.numel() * p.element_size() for p in layer.parameters()) / 2**20
-    return {"depth": depth, "memory_saving": memory_saving, "saved_mb": sum(saved.values()) / 2**20,
+    return {"depth": depth, "memory_saving": memory_saving, "saved_mb": saved_mb,
             "rss_mb": rss_mb, "seconds": seconds, "param_mb": param_mb}
 
 
-def run_fresh(depth: int, memory_saving: bool) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, __file__, "--one", str(depth), str(int(memory_saving))],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
-    rows = [run_fresh(d, m) for m in (False, True) for d in DEPTHS]
+    rows = [run_fresh(__file__, d, int(m)) for m in (False, True) for d in DEPTHS]
     by = {(r["depth"], r["memory_saving"]): r for r in rows}
     lines = [
         "# ReversibleResidual: training-step memory vs depth",
