@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields

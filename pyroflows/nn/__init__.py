@@ -5,4 +5,4 @@ from .made import MADE, MaskedLinear
 from .mlp import MLP
 from .spectral import LipschitzMLP, LipSwish, SpectralLinear
 
-__all__ = ["ConvNet", "MADE", "MLP", "LipSwish", "LipschitzMLP", "MaskedLinear", "SpectralLinear"]
+__all__ = ["MADE", "MLP", "ConvNet", "LipSwish", "LipschitzMLP", "MaskedLinear", "SpectralLinear"]

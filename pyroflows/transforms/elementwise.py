@@ -27,6 +27,7 @@ __all__ = [
     "Sigmoid",
     "Spline",
     "conditional_elementwise",
+    "conditional_spline",
     "elementwise",
     "elu",
     "leaky_relu",
@@ -34,7 +35,6 @@ __all__ = [
     "piecewise_linear",
     "sigmoid",
     "spline",
-    "conditional_spline",
 ]
 
 unit_interval_vector = constraints.independent(constraints.unit_interval, 1)

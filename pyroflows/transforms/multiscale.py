@@ -122,7 +122,7 @@ def level_shapes(shape, levels: int) -> list[tuple[int, int, int]]:
     if h % 2 ** levels or w % 2 ** levels:
         raise ValueError(f"{levels} levels need height and width divisible by {2 ** levels}, got shape {shape}")
     out = []
-    for level in range(levels):
+    for _ in range(levels):
         c, h, w = 4 * c, h // 2, w // 2
         out.append((c, h, w))
         c = c - c // 2  # the first half is factored out
