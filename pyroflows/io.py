@@ -152,13 +152,19 @@ def _refusal(path, error: Exception) -> FileFormatError:
                                  f"and dicts (written by another program, or an old pyroflows checkpoint?)")
 
 
-def _open_archive(path) -> dict:
-    """``torch.load(weights_only=True)`` of ``path``, with every failure as a one-line error."""
+def _existing_file(path, expected: str) -> Path:
+    """``path`` as a ``Path``; a one-line error if it is missing or a directory."""
     p = Path(path)
     if not p.exists():
         raise FileFormatError(path, "no such file")
     if p.is_dir():
-        raise FileFormatError(path, "is a directory, expected a pyroflows file")
+        raise FileFormatError(path, f"is a directory, expected {expected}")
+    return p
+
+
+def _open_archive(path) -> dict:
+    """``torch.load(weights_only=True)`` of ``path``, with every failure as a one-line error."""
+    p = _existing_file(path, "a pyroflows file")
     try:
         with open(p, "rb") as f:
             head = f.read(4)
@@ -411,11 +417,7 @@ def load_checkpoint(path, flow: torch.nn.Module) -> dict:
 def _open_text(path: str):
     if path == "-":
         return io.StringIO(sys.stdin.read())
-    p = Path(path)
-    if not p.exists():
-        raise FileFormatError(path, "no such file")
-    if p.is_dir():
-        raise FileFormatError(path, "is a directory, expected a CSV file")
+    p = _existing_file(path, "a CSV file")
     try:
         return open(p, newline="", encoding="utf-8")
     except OSError as e:

@@ -86,7 +86,6 @@ def default_flow(latent_dim: int, *, num_layers: int = 3, hidden_dims=(64, 64), 
     and the density of its own samples are one MADE pass per layer (what SVI needs).
     See :class:`AutoFlow` for the measurements behind it."""
     from ..flows import iaf
-    from ..transforms.transformers import Affine
 
     return iaf(latent_dim, num_layers=num_layers, hidden_dims=hidden_dims, kind=Affine(log_scale_bound))
 

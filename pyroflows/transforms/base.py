@@ -117,6 +117,14 @@ class CachedPasses:
             return None
         return entry
 
+    def _hand_out(self, *, x=None, y=None):
+        """The valid cached pass on this ``x`` / ``y``, marked as used (its log-det is handed
+        out once; a second request recomputes), or ``None``."""
+        entry = self._lookup(x=x, y=y)
+        if entry is not None:
+            entry.valid = False
+        return entry
+
     def _store(self, x, y, ladj):
         if self._cache_size == 0:
             return
@@ -152,9 +160,8 @@ class CachedPasses:
         nothing (e.g. under parameters swapped in by ``torch.func.functional_call``)."""
         if not cache:
             return self._forward_pass(x)
-        entry = self._lookup(x=x)
+        entry = self._hand_out(x=x)
         if entry is not None:
-            entry.valid = False
             return entry.y, entry.ladj
         y, ladj = self._forward_pass(x)
         self._store(x, y, ladj)
@@ -169,9 +176,8 @@ class CachedPasses:
         recomputes."""
         if not cache:
             return self._inverse_pass(y)
-        entry = self._lookup(y=y)
+        entry = self._hand_out(y=y)
         if entry is not None:
-            entry.valid = False
             return entry.x, entry.ladj
         return self._inverse_pass(y)
 
@@ -182,9 +188,8 @@ class CachedPasses:
         return self._inverse_pass(y)[0]
 
     def log_abs_det_jacobian(self, x, y):
-        entry = self._lookup(x=x, y=y)
+        entry = self._hand_out(x=x, y=y)
         if entry is not None:
-            entry.valid = False  # handed out once; a second request recomputes
             return entry.ladj
         return self._forward_pass(x)[1]
 
