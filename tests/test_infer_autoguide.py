@@ -330,6 +330,32 @@ def test_defaults_fit_an_unscaled_flat_prior_regression():
     assert 0.7 < float(draws["b"].double().std()) / slope_se < 1.3
 
 
+def edge_model():
+    """ARMA-like: the density is zero (log -inf) for |r| >= 1 and rises steeply towards a mode
+    at r ~ 2/3 (30 r + 10 log(1 - r)), so the line search of a MAP search from r ~ 0
+    extrapolates out of the support."""
+    r = pyro.sample("r", dist.Normal(0.0, 2.0))
+    inside = r.abs() < 1
+    log_edge = 30.0 * r + 10.0 * torch.log1p(-r.clamp(max=1.0 - 1e-6))
+    pyro.factor("edge", torch.where(inside, log_edge, torch.full_like(r, -math.inf)))
+
+
+def test_laplace_start_survives_trial_points_outside_the_support():
+    """The posteriordb ARMA case: the line search of the MAP search tries a point where the log
+    density is -inf; that point is treated as a barrier (the step shrinks), and the guide
+    still starts at the Laplace Gaussian around the mode."""
+    pyro.set_rng_seed(2)
+    guide = AutoFlow(edge_model, small_flow)
+    guide()
+    assert guide.start == "laplace"
+    # the mode solves 30 - 10 / (1 - r) - r / 4 = 0; the curvature there is 10 / (1 - r)^2 + 1/4
+    mode = 0.6648
+    sd = (10 / (1 - mode) ** 2 + 0.25) ** -0.5
+    r = guide.get_posterior().sample((4000,)).squeeze(-1)  # the start: the Laplace Gaussian
+    assert abs(float(r.mean()) - mode) < 0.01
+    assert abs(float(r.std()) / sd - 1) < 0.05
+
+
 def test_stl_falls_back_to_the_standard_gradient_when_the_inverse_disagrees():
     """A path-derivative log q that disagrees with the forward pass (here: corrupted on
     purpose) or is NaN is not used: the step takes the standard estimator, with a warning."""
@@ -413,3 +439,16 @@ def test_diagnostics_and_inferencedata_with_unsamplable_flat_priors():
     plated()
     with pytest.raises(ValueError, match="max_plate_nesting"):
         plated.sample_posterior(3, max_plate_nesting=0)
+
+
+def test_tail_adaptive_guide_has_a_student_t_base_and_trains():
+    """tail_adaptive=True swaps the flow's standard-normal base for a StudentTBase (df 30 at
+    the start) whose degrees of freedom train with the rest of the guide."""
+    from pyroflows import StudentTBase
+
+    guide = AutoFlow(model, small_flow, tail_adaptive=True)
+    losses = fit(guide, mdl=model, steps=20, lr=1e-2)
+    assert isinstance(guide.flow.base, StudentTBase)
+    assert isinstance(guide.get_base_dist().base_dist, dist.StudentT)
+    assert all(math.isfinite(x) for x in losses)
+    assert not torch.allclose(guide.flow.base.df.detach(), torch.full((2,), 30.0))

@@ -83,6 +83,8 @@ def run_one(name: str, guide_name: str, seed: int, steps: int, particles: int) -
             row["crashed"] = f"{type(e).__name__}: {str(e)[:200]}"
             row["traceback"] = traceback.format_exc()[-1500:]
     row["sec_per_step"] = (time.perf_counter() - t0) / steps
+    if getattr(guide, "start", None) is not None:  # AutoFlow: "laplace" or "init_loc"
+        row["start"] = guide.start
     row["warnings"] = sorted({str(w.message)[:160] for w in caught if "pyroflows" in str(w.filename) or "AutoFlow" in str(w.message)})
     if "crashed" not in row:
         try:

@@ -48,7 +48,7 @@ from pyro import poutine
 from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import ComposeTransform
 
-from ..flow import Flow
+from ..flow import Flow, StandardNormal, StudentTBase
 from ..transforms.base import Bijector
 from ..transforms.elementwise import elementwise
 from ..transforms.linear import Triangular
@@ -174,6 +174,9 @@ SCALE_BOUND = 12.0
 #: the Laplace start: latent dimensions up to this (an exact D x D Hessian), L-BFGS iterations,
 #: Newton steps after them, and draws of the ELBO that decides between it and the init_loc_fn start
 LAPLACE_MAX_DIM, LAPLACE_MAX_ITER, LAPLACE_NEWTON_STEPS, LAPLACE_ELBO_DRAWS = 500, 200, 20, 32
+#: the MAP search's loss at a trial point outside the density's support (finite, so that the
+#: line search's cubic interpolation stays finite in float32 too)
+LAPLACE_BARRIER = 1e10
 
 
 def _unsamplable_at_origin(init_loc_fn):
@@ -248,6 +251,10 @@ class AutoFlow(AutoContinuous):
             default: averaging flow parameters raised k-hat in the posteriordb checks
             (kilpisjarvi 0.81 vs 0.46, gp_regr 0.71 vs 0.58), and the Laplace start plus a
             decaying learning rate already kept the moments still there.
+        tail_adaptive: replace the flow's standard-normal base by a Student-t base with a
+            learned degree of freedom per coordinate (:class:`~pyroflows.StudentTBase`,
+            starting at 30), so the guide can have heavier-than-Gaussian tails, which layers
+            on a Gaussian base cannot make (Jaini et al. 2020).  Default ``False``.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`,
             which are Monte Carlo estimates (a flow has no closed-form quantiles).
         **flow_kw: passed to the architecture.
@@ -289,7 +296,8 @@ class AutoFlow(AutoContinuous):
 
     def __init__(self, model, flow: str | Callable | None = None, *, init_loc_fn=init_to_median,
                  init_scale: float = 1.0, linear: bool = True, stl: bool = False, laplace: bool = True,
-                 average: float | None = None, num_quantile_samples: int = 2000, **flow_kw):
+                 average: float | None = None, tail_adaptive: bool = False, num_quantile_samples: int = 2000,
+                 **flow_kw):
         if average is not None and not 0.0 <= average <= 1.0:
             raise ValueError(f"average must be None or in [0, 1], got {average}")
         if not init_scale > 0:
@@ -306,6 +314,7 @@ class AutoFlow(AutoContinuous):
         self._use_linear = bool(linear)
         self.laplace = bool(laplace)
         self.average = average
+        self.tail_adaptive = bool(tail_adaptive)
         self._averaged = None  # (flow, linear, standardise) copies holding the iterate average
         self.num_averaged = 0
         self.start = None  # "laplace" or "init_loc", set at the first call
@@ -324,6 +333,11 @@ class AutoFlow(AutoContinuous):
             self._refuse_discrete_sites()
         loc = self._init_loc().detach()
         flow = _build_flow(self._flow_spec, self.latent_dim, self._flow_kw)
+        if self.tail_adaptive:
+            if not isinstance(flow.base, StandardNormal):
+                raise ValueError("tail_adaptive=True replaces the flow's standard-normal base; this flow has "
+                                 f"its own base ({type(flow.base).__name__})")
+            flow.base = StudentTBase(self.latent_dim)
         affine = elementwise(self.latent_dim, kind=Affine(SCALE_BOUND))
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
         self.linear = Triangular(self.latent_dim).to(dtype=loc.dtype, device=loc.device) if self._use_linear else None
@@ -448,11 +462,24 @@ class AutoFlow(AutoContinuous):
             opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=LAPLACE_MAX_ITER, line_search_fn="strong_wolfe",
                                     tolerance_grad=1e-9, tolerance_change=1e-12)
 
+            finite_evals = 0
+
             def closure():
+                nonlocal finite_evals
                 opt.zero_grad()
-                loss = -self._log_joint(theta, args, kwargs)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("non-finite log density during the MAP search")
+                try:
+                    loss = -self._log_joint(theta, args, kwargs)
+                except ValueError:  # a trial point where a distribution's parameter leaves its support
+                    loss = None
+                if loss is None or not torch.isfinite(loss):
+                    # outside the density's support (an ARMA's |theta| > 1, an overflowed scale): a
+                    # barrier value makes the strong-Wolfe line search shrink the step rather than
+                    # end the search; the start point itself must be finite
+                    if not finite_evals:
+                        raise FloatingPointError("non-finite log density at the start of the MAP search")
+                    theta.grad = torch.zeros_like(theta)
+                    return torch.tensor(LAPLACE_BARRIER, dtype=dtype)
+                finite_evals += 1
                 loss.backward()
                 return loss
 
