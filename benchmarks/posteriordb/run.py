@@ -39,6 +39,8 @@ GUIDES = {
     "AutoFlow": AutoFlow,
     # the variant that the first runs pointed to (lower k-hat on kilpisjarvi and gp_regr at 500 steps)
     "AutoFlow(stl=False, average=None)": lambda model: AutoFlow(model, stl=False, average=None),
+    # a Student-t base with learned degrees of freedom (starting at 30): heavier tails for PSIS
+    "AutoFlow(tail_adaptive=True)": lambda model: AutoFlow(model, tail_adaptive=True),
     "AutoNormal": ag.AutoNormal,
     "AutoMultivariateNormal": ag.AutoMultivariateNormal,
     "AutoIAFNormal": ag.AutoIAFNormal,

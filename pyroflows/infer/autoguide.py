@@ -379,7 +379,9 @@ class AutoFlow(AutoContinuous):
         """Gradient hook: a non-finite gradient entry (a NaN/inf loss, e.g. a draw far in a
         tail where the model overflows) is replaced by 0, so the step cannot poison the
         parameters; the user is warned once."""
-        if torch.isfinite(grad).all():
+        # one reduction on the hot path: a finite sum means no NaN/inf entry (NaN and inf
+        # propagate through a sum); only an overflowing sum needs the elementwise check
+        if math.isfinite(float(grad.sum())) or torch.isfinite(grad).all():
             return grad
         self.num_nonfinite_grads += 1
         if self.num_nonfinite_grads == 1:
@@ -570,10 +572,13 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args, **kwargs):
         """The flow posterior over the unconstrained latent vector, a ``TransformedDistribution``."""
-        return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
+        # one look-up of the modules per call: each PyroModule attribute access registers every
+        # parameter of the submodule with Pyro again (a fifth of a step's cost when done twice)
+        modules = self._modules_in_use()
+        return dist.TransformedDistribution(modules[0].base_distribution(), self._transforms(modules))
 
-    def _transforms(self):
-        flow, linear, standardise = self._modules_in_use()
+    def _transforms(self, modules=None):
+        flow, linear, standardise = self._modules_in_use() if modules is None else modules
         outer = [] if linear is None else [linear]
         return [flow.transform()] + outer + [standardise] + self._whitening()
 
