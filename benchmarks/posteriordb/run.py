@@ -8,7 +8,7 @@ priors' ``sample`` gives the unconstrained origin, :class:`.common.Flat`, so Pyr
 strategies work).  Scores, from 4000 guide draws: PSIS k-hat, worst standardised mean error
 ``max_j |mean_j - ref_j| / sd_ref_j``, the range of ``sd_j / sd_ref_j``, and wall time per
 SVI step.  One JSON line per (posterior, guide, seed) is appended to ``--out``;
-``--table`` turns such a file into the markdown table of docs/bench_posteriordb.md.
+``--table`` turns such files into the markdown table of docs/bench_posteriordb.md.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python -m benchmarks.posteriordb.run \\
         --posteriors kilpisjarvi gp_regr --guides AutoFlow AutoNormal --seeds 0 1 2 --out runs.jsonl
@@ -37,10 +37,11 @@ from . import POSTERIORS, load
 #: every guide with its defaults
 GUIDES = {
     "AutoFlow": AutoFlow,
-    # the variant that the first runs pointed to (lower k-hat on kilpisjarvi and gp_regr at 500 steps)
-    "AutoFlow(stl=False, average=None)": lambda model: AutoFlow(model, stl=False, average=None),
-    # a Student-t base with learned degrees of freedom (starting at 30): heavier tails for PSIS
-    "AutoFlow(tail_adaptive=True)": lambda model: AutoFlow(model, tail_adaptive=True),
+    # the default before the tail-adaptive base (issue 12): a standard-normal base
+    "AutoFlow (Gaussian base)": lambda model: AutoFlow(model, tail_adaptive=False),
+    # the first defaults of issue 16's branch
+    "AutoFlow, stl=True, average=0.99 (first defaults)":
+        lambda model: AutoFlow(model, stl=True, average=0.99, tail_adaptive=False),
     "AutoNormal": ag.AutoNormal,
     "AutoMultivariateNormal": ag.AutoMultivariateNormal,
     "AutoIAFNormal": ag.AutoIAFNormal,
@@ -133,12 +134,15 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--particles", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/posteriordb/runs.jsonl")
-    ap.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
+    ap.add_argument("--table", metavar="JSONL", nargs="+", help="print the markdown table of results files and exit")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.table:
-        with open(args.table) as f:
-            print(table([json.loads(line) for line in f if line.strip()]))
+        rows = []
+        for path in args.table:
+            with open(path) as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+        print(table(rows))
         return
     for name in args.posteriors:
         for guide_name in args.guides:

@@ -134,7 +134,8 @@ def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> d
     """Factories of the compared guides: Pyro's AutoNormal, AutoMultivariateNormal,
     AutoIAFNormal, and AutoFlow (``flow=None``: its default); with ``all_pyro=True`` every Pyro autoguide that has a
     density over all latent sites (adds AutoDiagonalNormal, AutoLowRankMultivariateNormal,
-    AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat)."""
+    AutoLaplaceApproximation; AutoDelta is a point mass, so it has no k-hat) and AutoFlow with a
+    standard-normal base (``tail_adaptive=False``)."""
     from pyro.infer import autoguide as ag
 
     from .autoguide import AutoFlow
@@ -151,4 +152,6 @@ def standard_guides(model, flow=None, *, all_pyro: bool = False, **flow_kw) -> d
             "AutoLaplaceApproximation": lambda: ag.AutoLaplaceApproximation(model),
         })
     guides["AutoFlow"] = lambda: AutoFlow(model, flow, **flow_kw)
+    if all_pyro:  # the benchmark also shows AutoFlow with the standard-normal base it had before
+        guides["AutoFlow (Gaussian base)"] = lambda: AutoFlow(model, flow, **{"tail_adaptive": False, **flow_kw})
     return guides
