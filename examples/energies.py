@@ -40,25 +40,42 @@ def _w3(z):
     return 3 * torch.sigmoid((z[..., 0] - 1) / 0.3)
 
 
-def _lse(a, b):
-    return torch.logsumexp(torch.stack([a, b]), 0)
+# each exp(-U) is a sum of components (its modes, or branches): U = -logsumexp(components);
+# the components give the exact mass of each mode, which the benchmark compares with the flow's
+def u1_components(z):
+    ring = -0.5 * ((z.norm(dim=-1) - 2) / 0.4) ** 2  # two crescents, left and right
+    return torch.stack([ring - 0.5 * ((z[..., 0] + 2) / 0.6) ** 2, ring - 0.5 * ((z[..., 0] - 2) / 0.6) ** 2])
+
+
+def u2_components(z):
+    return (-0.5 * ((z[..., 1] - _w1(z)) / 0.4) ** 2).unsqueeze(0)  # one sine band
+
+
+def u3_components(z):
+    return torch.stack([-0.5 * ((z[..., 1] - _w1(z)) / 0.35) ** 2, -0.5 * ((z[..., 1] - _w1(z) + _w2(z)) / 0.35) ** 2])
+
+
+def u4_components(z):
+    return torch.stack([-0.5 * ((z[..., 1] - _w1(z)) / 0.4) ** 2, -0.5 * ((z[..., 1] - _w1(z) + _w3(z)) / 0.35) ** 2])
+
+
+COMPONENTS = {"U1": u1_components, "U2": u2_components, "U3": u3_components, "U4": u4_components}
 
 
 def u1(z):
-    r = z.norm(dim=-1)
-    return 0.5 * ((r - 2) / 0.4) ** 2 - _lse(-0.5 * ((z[..., 0] - 2) / 0.6) ** 2, -0.5 * ((z[..., 0] + 2) / 0.6) ** 2)
+    return -torch.logsumexp(u1_components(z), 0)
 
 
 def u2(z):
-    return 0.5 * ((z[..., 1] - _w1(z)) / 0.4) ** 2
+    return -torch.logsumexp(u2_components(z), 0)
 
 
 def u3(z):
-    return -_lse(-0.5 * ((z[..., 1] - _w1(z)) / 0.35) ** 2, -0.5 * ((z[..., 1] - _w1(z) + _w2(z)) / 0.35) ** 2)
+    return -torch.logsumexp(u3_components(z), 0)
 
 
 def u4(z):
-    return -_lse(-0.5 * ((z[..., 1] - _w1(z)) / 0.4) ** 2, -0.5 * ((z[..., 1] - _w1(z) + _w3(z)) / 0.35) ** 2)
+    return -torch.logsumexp(u4_components(z), 0)
 
 
 ENERGIES = {"U1": u1, "U2": u2, "U3": u3, "U4": u4}
@@ -66,10 +83,25 @@ ENERGIES = {"U1": u1, "U2": u2, "U3": u3, "U4": u4}
 
 def grid_log_z(log_density, box=BOX, n=1000) -> float:
     """log of the integral of exp(log_density) over [-box, box]^2 (midpoint rule, float64)."""
+    return float(torch.logsumexp(log_density(_grid(box, n)), 0) + 2 * math.log(2 * box / n))
+
+
+def _grid(box=BOX, n=1000):
     h = 2 * box / n
     c = -box + h * (torch.arange(n, dtype=torch.float64) + 0.5)
-    zz = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
-    return float(torch.logsumexp(log_density(zz), 0) + 2 * math.log(h))
+    return torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+
+
+def mode_masses(name: str, flow=None, n: int = 20000):
+    """The share of each component (mode) of ``exp(-U)``: exact, from quadrature on the box,
+    and, with ``flow``, the flow's: the mean over ``n`` flow draws of each component's
+    responsibility :math:`e^{c_k(z)} / \\sum_j e^{c_j(z)}`.  Returns ``(exact, flow_share)``."""
+    exact = torch.softmax(torch.logsumexp(COMPONENTS[name](_grid()), 1), 0)
+    if flow is None:
+        return exact, None
+    with torch.no_grad():
+        z = flow.sample((n,)).double()
+    return exact, torch.softmax(COMPONENTS[name](z), 0).mean(1)
 
 
 def box_flow(flow="nsf", dim=2, box=BOX) -> Flow:

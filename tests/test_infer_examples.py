@@ -55,3 +55,22 @@ def test_energy_normaliser_quadrature_and_plot(tmp_path):
     results = energies.run(["U1"], num_steps=3, num_samples=16, anneal_steps=2, progress=False, flow=tiny)
     energies.plot(results, tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_energy_components_sum_to_the_energies_and_give_mode_masses():
+    """exp(-U) is the sum of its components (U1 written out by hand here); the exact mode
+    masses sum to 1 and follow the symmetries (U1's crescents and U3's branches: half each);
+    a flow's masses are responsibilities averaged over its draws."""
+    z = 3 * torch.randn(500, 2, dtype=torch.float64)
+    r = z.norm(dim=-1)
+    u1 = 0.5 * ((r - 2) / 0.4) ** 2 - torch.logaddexp(-0.5 * ((z[:, 0] - 2) / 0.6) ** 2,
+                                                        -0.5 * ((z[:, 0] + 2) / 0.6) ** 2)
+    assert torch.allclose(energies.u1(z), u1)
+    for name in energies.ENERGIES:
+        exact, _ = energies.mode_masses(name)
+        assert abs(float(exact.sum()) - 1) < 1e-12
+    assert torch.allclose(energies.mode_masses("U1")[0], torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(energies.mode_masses("U3")[0], torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6)
+    torch.manual_seed(0)
+    _, share = energies.mode_masses("U1", energies.box_flow(tiny), n=2000)
+    assert share.shape == (2,) and abs(float(share.sum()) - 1) < 1e-9
