@@ -92,6 +92,12 @@ def _zuko_nsf():
     return _ZukoAdapter(zuko.flows.NSF(2, transforms=4, hidden_features=(64, 64), bins=8))
 
 
+def _zuko_default(name):
+    import zuko
+
+    return _ZukoAdapter(getattr(zuko.flows, name)(2))
+
+
 #: Model builders; the comments give the trainable-parameter counts (D = 2).
 MODELS = {
     # zuko's NSF: 4 masked-autoregressive RQ-spline transforms, 8 bins, bound 5: 29,368
@@ -105,6 +111,11 @@ MODELS = {
     "maf": lambda: flows.maf(2, num_layers=4, hidden_dims=(64, 64), kind="rq_spline", count_bins=8, bound=5.0),
     # the same, with the spline in the normalizing direction: exactly zuko's NSF architecture: 29,368
     "maf_swap": lambda: flows.maf(2, num_layers=4, hidden_dims=(64, 64), kind=_swapped_rq()),
+    # every library's defaults, nothing set (issue 12): pyroflows' nsf(2) / maf(2), zuko's NSF(2) / MAF(2)
+    "nsf_default": lambda: flows.nsf(2),
+    "maf_default": lambda: flows.maf(2),
+    "zuko_nsf_default": lambda: _zuko_default("NSF"),
+    "zuko_maf_default": lambda: _zuko_default("MAF"),
     # affine couplings, 6 layers of width 67: 28,956
     "realnvp": lambda: flows.realnvp(2, num_layers=6, hidden_dims=(67, 67)),
     # 6 contractive residual blocks of width 67, series log-det (5 terms) in training: 29,370
