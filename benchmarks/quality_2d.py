@@ -114,6 +114,8 @@ MODELS = {
     # every library's defaults, nothing set (issue 12): pyroflows' nsf(2) / maf(2), zuko's NSF(2) / MAF(2)
     "nsf_default": lambda: flows.nsf(2),
     "maf_default": lambda: flows.maf(2),
+    # maf(2) with 3 layers: zuko's MAF(2) default depth, and within 1% of its parameter count
+    "maf_3_layers": lambda: flows.maf(2, num_layers=3),
     "zuko_nsf_default": lambda: _zuko_default("NSF"),
     "zuko_maf_default": lambda: _zuko_default("MAF"),
     # affine couplings, 6 layers of width 67: 28,956
