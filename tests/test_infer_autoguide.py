@@ -443,11 +443,16 @@ def test_diagnostics_and_inferencedata_with_unsamplable_flat_priors():
 
 
 def test_tail_adaptive_guide_has_a_student_t_base_and_trains():
-    """tail_adaptive=True swaps the flow's standard-normal base for a StudentTBase (df 30 at
-    the start) whose degrees of freedom train with the rest of the guide."""
+    """By default (tail_adaptive=True) the flow's standard-normal base is swapped for a
+    StudentTBase (df 30 at the start) whose degrees of freedom train with the rest of the guide;
+    tail_adaptive=False keeps the standard normal."""
     from pyroflows import StudentTBase
+    from pyroflows.flow import StandardNormal
 
-    guide = AutoFlow(model, small_flow, tail_adaptive=True)
+    plain = AutoFlow(model, small_flow, tail_adaptive=False)
+    plain()
+    assert isinstance(plain.flow.base, StandardNormal)
+    guide = AutoFlow(model, small_flow)
     losses = fit(guide, mdl=model, steps=20, lr=1e-2)
     assert isinstance(guide.flow.base, StudentTBase)
     assert isinstance(guide.get_base_dist().base_dist, dist.StudentT)
