@@ -84,7 +84,7 @@ class StudentTBase(nn.Module):
 
     @property
     def df(self) -> torch.Tensor:
-        """:math:`\nu`, one per coordinate."""
+        r""":math:`\nu`, one per coordinate."""
         return self.min_df + self.raw_df.exp()
 
     def forward(self):

@@ -458,3 +458,17 @@ def test_tail_adaptive_guide_has_a_student_t_base_and_trains():
     assert isinstance(guide.get_base_dist().base_dist, dist.StudentT)
     assert all(math.isfinite(x) for x in losses)
     assert not torch.allclose(guide.flow.base.df.detach(), torch.full((2,), 30.0))
+
+
+def test_tail_adaptive_default_keeps_a_flows_own_base_and_true_refuses_it():
+    """The default replaces only a standard-normal base: a flow built with its own base keeps
+    it; tail_adaptive=True with such a flow is refused with the reason."""
+    def wide_base_flow(dim):
+        return pyroflows.Flow(small_flow(dim), base=dist.Normal(torch.zeros(dim), 2 * torch.ones(dim)).to_event(1))
+
+    guide = AutoFlow(model, wide_base_flow)
+    guide()
+    assert isinstance(guide.get_base_dist().base_dist, dist.Normal)
+    assert torch.allclose(guide.get_base_dist().base_dist.scale, torch.full((2,), 2.0))
+    with pytest.raises(ValueError, match="its own base"):
+        AutoFlow(model, wide_base_flow, tail_adaptive=True)()
