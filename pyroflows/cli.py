@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a flow to the rows of a CSV file")
     f.add_argument("data", help="CSV file of numbers (optional header row)")
     f.add_argument("--flow", default="auto", choices=flows, metavar="NAME",
-                   help=f"architecture: {', '.join(flows)} (default auto: a full-covariance Gaussian stage, "
-                        f"plus spline couplings sized to the data only if they beat it on the validation rows)")
+                   help=f"architecture: {', '.join(flows)} (default auto: a full-covariance Gaussian stage "
+                        f"(a Gaussian mixture where cross-validation prefers one), plus spline couplings sized to "
+                        f"the data only if they beat it on the validation rows)")
     f.add_argument("--out", default="model.pt", help="model file to write (default model.pt)")
     f.add_argument("--epochs", type=int, default=200)
     f.add_argument("--batch-size", type=int, default=256)

@@ -58,10 +58,11 @@ def test_flow_layers_kept_on_non_gaussian_data_and_rebuild_from_the_report():
     z = torch.randn(1000, 2)
     x = torch.stack([z[:, 0], z[:, 1] + 0.9 * z[:, 0] ** 2 - 1.0], -1)  # a banana: not Gaussian
     train, test = x[:500], x[500:]
-    flow, report = fit_auto(train, seed=0, progress=False, config={"epochs": 60})
+    # one component: the flow layers over the Gaussian stage (a mixture stage is tested below)
+    flow, report = fit_auto(train, seed=0, progress=False, config={"epochs": 60, "components": 1})
     assert report.chosen == "flow" and report.refit, report.summary()
     assert report.flow_val_ll > report.gaussian_val_ll
-    gauss, _ = fit_auto(train, seed=0, progress=False, config={"num_layers": 0})
+    gauss, _ = fit_auto(train, seed=0, progress=False, config={"num_layers": 0, "components": 1})
     with torch.no_grad():
         diff = flow.log_prob(test) - gauss.log_prob(test)
     assert float(diff.mean()) > 0.1, float(diff.mean())
@@ -133,3 +134,56 @@ def test_cli_fit_auto_and_score_report_what_they_did(tmp_path, capsys):
     assert lines[0] == "log_prob,anomaly" and len(lines) == 121
     assert "0.05 quantile of the 120 training rows' log densities" in err
     assert 3 <= sum(int(line.split(",")[1]) for line in lines[1:]) <= 9
+
+
+def _clusters(n, seed=0):
+    """Two tight, elongated clusters in 3-D: one Gaussian describes them badly."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.1, 0.1], dtype=torch.float64)
+    side = (torch.rand(n, generator=g) < 0.4).double()[:, None]
+    return z + side * torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)
+
+
+def test_clustered_rows_get_a_mixture_stage_that_beats_the_gaussian_and_rebuilds():
+    train, test = _clusters(300), _clusters(2000, seed=1)
+    flow, report = fit_auto(train, seed=0, progress=False, config={"epochs": 20})
+    assert report.components >= 2, report.summary()
+    assert "Gaussian-mixture stage" in report.summary()
+    gauss, _ = fit_auto(train, seed=0, progress=False, config={"num_layers": 0, "components": 1})
+    with torch.no_grad():
+        gain = flow.log_prob(test.float()) - gauss.log_prob(test.float())
+    assert float(gain.mean()) > 1.0, float(gain.mean())  # two clusters 10 sds apart across their width
+    rebuilt = auto_flow(3, **report.flow_kwargs)
+    rebuilt.load_state_dict(flow.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.log_prob(test.float()), flow.log_prob(test.float()), atol=1e-4)
+
+
+def test_flow_layers_over_a_mixture_stage_start_at_the_stage():
+    """nsf mixes coordinates between its couplings: the mixture is placed in the base's frame,
+    so before training the flow is exactly its stage."""
+    from pyroflows.auto import AutoReport, _with_stage
+
+    x = _clusters(200)
+    arch = {"num_layers": 3, "hidden_dims": (8,), "count_bins": 4, "bound": 5.0}
+    report = AutoReport("gaussian", "", 200, 3, 200, 0)
+    with_layers = _with_stage(3, arch, x, torch.float32, 0, report, 2)
+    alone = _with_stage(3, {"num_layers": 0}, x, torch.float32, 0, report, 2)
+    assert len(with_layers.transforms) > 2  # couplings and the mixing between them
+    with torch.no_grad():
+        ll = alone.log_prob(x.float())
+        assert torch.allclose(with_layers.log_prob(x.float()), ll, atol=1e-4 * ll.abs().max())
+
+
+def test_cli_fit_auto_says_when_it_fitted_a_mixture(tmp_path, capsys):
+    from pyroflows.cli import load_model, main
+
+    x = _clusters(150).float()
+    data = tmp_path / "c.csv"
+    data.write_text("a,b,c\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in x.tolist()) + "\n")
+    model = tmp_path / "m.pt"
+    assert main(["fit", str(data), "--out", str(model), "--epochs", "10", "--quiet"]) == 0
+    assert "Gaussian-mixture stage (" in capsys.readouterr().err
+    loaded = load_model(str(model))
+    assert torch.allclose(loaded.log_prob(x), loaded.train_log_prob, atol=1e-4)
