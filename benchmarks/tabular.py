@@ -228,10 +228,10 @@ def report(results: list[dict], commands: list[str]) -> str:
         out += ["## Test log-likelihood (nats per row, higher is better)", "",
                 "Mean over seeds. `auto - gauss` is the mean paired per-row difference against the better "
                 "of the two full-covariance Gaussians, ± its standard error (pooled over the seeds' test rows); "
-                "`flow kept` counts the seeds where `fit_auto` kept its flow layers (else it returned its "
-                "Gaussian stage).", "",
+                "`auto's model` counts the seeds where `fit_auto` kept its flow layers (`F`) and where its "
+                "stage was a Gaussian mixture (`M`), e.g. `F1 M2` (otherwise: the Gaussian stage alone).", "",
                 "| data | n train | test rows | auto | gauss_ml | gauss_lw | gmm_bic | kde | auto - gauss | "
-                "flow kept |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "auto's model |", "|---|---|---|---|---|---|---|---|---|---|"]
         for key in _groups(dens):
             rs = [r for r in dens if _key(r) == key]
             ll = {m: np.mean([r["ll"][m] for r in rs]) for m in DENSITY_METHODS}
@@ -239,9 +239,8 @@ def report(results: list[dict], commands: list[str]) -> str:
             cells = [f"**{_fmt(ll[m])}**" if ll[m] == best else _fmt(ll[m]) for m in DENSITY_METHODS]
             d = np.mean([r["vs_gauss"]["diff"] for r in rs])
             se = math.sqrt(sum(r["vs_gauss"]["se"] ** 2 for r in rs)) / len(rs)
-            kept = sum(r["info"]["auto"]["chosen"] == "flow" for r in rs)
             out.append(f"| {key[0]} | {_size_label(rs)} | {rs[0]['n_test']} | " + " | ".join(cells)
-                       + f" | {d:+.2f} ± {se:.2f} | {kept}/{len(rs)} |")
+                       + f" | {d:+.2f} ± {se:.2f} | {_models(rs)} |")
         out.append("")
     anom = [r for r in results if r["task"] == "anomaly"]
     if anom:
@@ -249,7 +248,7 @@ def report(results: list[dict], commands: list[str]) -> str:
         out += ["## Anomaly AUROC (one class held out, higher is better)", "",
                 "Mean over seeds (seed s holds out class s mod C). `auto - best` is against the best "
                 "baseline (every column but `auto`).", "",
-                "| data | n train | " + " | ".join(methods) + " | auto - best | flow kept |",
+                "| data | n train | " + " | ".join(methods) + " | auto - best | auto's model |",
                 "|---|---|" + "---|" * (len(methods) + 2)]
         for key in _groups(anom):
             rs = [r for r in anom if _key(r) == key]
@@ -257,11 +256,17 @@ def report(results: list[dict], commands: list[str]) -> str:
             best = max(au.values())
             cells = [f"**{au[m]:.3f}**" if au[m] == best else f"{au[m]:.3f}" for m in methods]
             base = max(v for m, v in au.items() if m != "auto")
-            kept = sum(r["info"]["auto"]["chosen"] == "flow" for r in rs)
             out.append(f"| {key[0]} | {_size_label(rs)} | " + " | ".join(cells) + f" | {au['auto'] - base:+.3f} | "
-                       f"{kept}/{len(rs)} |")
+                       f"{_models(rs)} |")
         out.append("")
     return "\n".join(out)
+
+
+def _models(rs) -> str:
+    """``F<k> M<m>``: seeds with flow layers kept, seeds with a Gaussian-mixture stage."""
+    flow = sum(r["info"]["auto"]["chosen"] == "flow" for r in rs)
+    mixture = sum(r["info"]["auto"]["flow_kwargs"].get("mixture_components", 1) > 1 for r in rs)
+    return f"F{flow} M{mixture}"
 
 
 def _key(r):
