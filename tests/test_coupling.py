@@ -9,7 +9,7 @@ from torch.autograd.functional import jacobian
 
 import pyroflows.transforms as T
 from pyroflows.nn import MLP
-from pyroflows.transforms.coupling import half_mask
+from pyroflows.transforms.coupling import build_coupling, half_mask
 from pyroflows.transforms.transformers import KINDS, make_transformer
 
 
@@ -43,12 +43,14 @@ def test_masked_half_passes_unchanged_and_one_conditioner_pass(flip):
     assert torch.allclose(x_back, x, atol=1e-10)
 
 
-def test_any_mask_works():
+@pytest.mark.parametrize("identity", [True, False])
+def test_any_mask_works(identity):
     mask = torch.tensor([True, False, False, True, False, True])
-    layer = perturb_parameters(T.spline_coupling(6, kind="piecewise_linear", hidden_dims=(8,), mask=mask)).double()
+    layer = perturb_parameters(T.spline_coupling(6, kind="piecewise_linear", hidden_dims=(8,), mask=mask,
+                                                 identity=identity)).double()
     x = torch.randn(6, dtype=torch.float64)
     y, ladj = layer._call_and_ladj(x)
-    assert torch.equal(y[mask], x[mask])
+    assert torch.equal(y[mask], x[mask]) == identity  # Pyro's default: the conditioning half has its own spline
     J = jacobian(lambda v: layer._call_and_ladj(v)[0], x)
     assert torch.allclose(ladj, torch.linalg.slogdet(J)[1], atol=1e-8)
     assert torch.allclose(layer._inverse_and_ladj(y)[0], x, atol=1e-10)
@@ -133,3 +135,25 @@ def test_bad_permutation_raises(perm):
         T.Permutation(perm)
     with pytest.raises(ValueError):
         T.permute(3, permutation=perm[:2])
+
+
+def test_spline_coupling_is_pyros_with_a_spline_on_the_conditioning_half():
+    """Pyro's SplineCoupling transforms x_a by an unconditional spline; the conditioner sees x_a
+    (not y_a) in both directions, and the round trip and log-determinant stay exact."""
+    layer = T.spline_coupling(3, 1, hidden_dims=(8,))
+    assert layer.kept_params is not None and layer.kept_params.shape == (1, layer.transformer.num_params)
+    assert sum(p.numel() for p in layer.parameters()) == (
+        sum(p.numel() for p in layer.conditioner.parameters()) + layer.kept_params.numel())
+    layer = perturb_parameters(layer).double()
+    calls = _count_calls(layer.conditioner)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y, ladj = layer._call_and_ladj(x)
+    assert not torch.allclose(y[:, :1], x[:, :1])
+    x_back, ladj_inv = layer._inverse_and_ladj(y)
+    assert len(calls) == 2
+    assert torch.allclose(x_back, x, atol=1e-10) and torch.allclose(ladj, ladj_inv, atol=1e-10)
+    for row in range(5):
+        J = jacobian(lambda v: layer._call_and_ladj(v)[0], x[row])
+        assert torch.allclose(ladj[row], torch.linalg.slogdet(J)[1], atol=1e-8)
+    with pytest.raises(ValueError, match="unconditional"):
+        build_coupling(3, "rq_spline", 8, 3.0, (8,), half_mask(3), context_dim=2, identity=False)

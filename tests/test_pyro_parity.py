@@ -94,7 +94,7 @@ def test_spline_order_means_pyros_spline(order, cls):
 
 
 def test_spline_coupling_split_dim_is_pyros():
-    layer = T.spline_coupling(5, 3)  # Pyro: split_dim=3, the first three pass unchanged
+    layer = T.spline_coupling(5, 3)  # Pyro: split_dim=3, the first three condition the other two
     assert layer.split.mask.tolist() == [True, True, True, False, False]
     with pytest.raises(ValueError, match="split_dim"):
         T.spline_coupling(3, 3)

@@ -103,7 +103,7 @@ class MaskSplit(nn.Module):
 class _CouplingMath:
     """The coupling computation, shared by :class:`Coupling` and :class:`ConditionalCoupling`."""
 
-    def _setup(self, transformer: Transformer, conditioner: nn.Module, mask):
+    def _setup(self, transformer: Transformer, conditioner: nn.Module, mask, identity: bool = True):
         self.transformer = transformer
         self.conditioner = conditioner
         self.split = MaskSplit(mask)
@@ -112,9 +112,20 @@ class _CouplingMath:
         offset = transformer.identity_params()
         # zero identity parameters (affine, additive) need no offset at all
         self.register_buffer("param_offset", offset if bool(offset.ne(0).any()) else None)
+        # identity=False: the conditioning half gets its own unconditional transformer (Pyro's
+        # SplineCoupling), starting at the identity
+        self.identity = bool(identity)
+        self.kept_params = None if self.identity else nn.Parameter(
+            offset.expand(self.split.num_kept, self._num_params).clone())
 
-    def _couple(self, x, context, transform):
-        xa, xb = self.split.split(x)
+    def _couple(self, x, context, transform, inverse: bool = False):
+        """``transform`` (the transformer's forward or inverse) applied to ``x``'s halves; the
+        conditioner always sees the data-side (``x``-side) conditioning half."""
+        ua, ub = self.split.split(x)
+        va, ladj_a = ua, None
+        if self.kept_params is not None:
+            va, ladj_a = transform(ua, self.kept_params.expand(*ua.shape[:-1], -1, -1))
+        xa = va if inverse else ua
         h = xa
         if context is not None:
             batch = torch.broadcast_shapes(xa.shape[:-1], context.shape[:-1])
@@ -122,15 +133,20 @@ class _CouplingMath:
         params = self.conditioner(h).unflatten(-1, (self.split.num_transformed, self._num_params))
         if self.param_offset is not None:
             params = params + self.param_offset
-        yb, ladj = transform(xb, params)
-        return self.split.merge(xa, yb), ladj.sum(-1)
+        vb, ladj = transform(ub, params)
+        ladj = ladj.sum(-1)
+        if ladj_a is not None:
+            ladj = ladj + ladj_a.sum(-1)
+        return self.split.merge(va, vb), ladj
 
     def extra_repr(self):
         return f"{self.transformer!r}, mask={self.split.mask.int().tolist()}"
 
 
 class Coupling(_CouplingMath, Bijector):
-    r"""Coupling layer :math:`y_a = x_a,\ y_b = g(x_b; \theta(x_a))`.
+    r"""Coupling layer :math:`y_a = x_a,\ y_b = g(x_b; \theta(x_a))` (with ``identity=False``:
+    :math:`y_a = g(x_a; \phi)`, unconditional learned parameters :math:`\phi`, as Pyro's
+    ``SplineCoupling``).
 
     Both directions are one conditioner pass (the inverse
     :math:`x_b = g^{-1}(y_b; \theta(y_a))` needs only :math:`y_a = x_a`);
@@ -144,20 +160,25 @@ class Coupling(_CouplingMath, Bijector):
             :class:`~pyroflows.transforms.transformers.Transformer`).
         conditioner: a module mapping ``(..., n_a)`` to
             ``(..., n_b * transformer.num_params)``.
-        mask: boolean ``(D,)``, ``True`` = passes unchanged (conditions).
+        mask: boolean ``(D,)``, ``True`` = conditions (and passes unchanged unless
+            ``identity=False``).
+        identity: ``False`` gives the conditioning half its own elementwise transformer with
+            unconditional parameters (starting at the identity; its log-derivatives join
+            the log-determinant).
 
     Reference: Dinh et al., "Density estimation using Real NVP", ICLR 2017.
     """
 
-    def __init__(self, transformer: Transformer, conditioner: nn.Module, mask, cache_size: int = 1):
+    def __init__(self, transformer: Transformer, conditioner: nn.Module, mask, cache_size: int = 1, *,
+                 identity: bool = True):
         super().__init__(cache_size=cache_size)
-        self._setup(transformer, conditioner, mask)
+        self._setup(transformer, conditioner, mask, identity)
 
     def _call_and_ladj(self, x):
         return self._couple(x, None, self.transformer.forward)
 
     def _inverse_and_ladj(self, y):
-        return self._couple(y, None, self.transformer.inverse)
+        return self._couple(y, None, self.transformer.inverse, inverse=True)
 
 
 class ConditionalCoupling(_CouplingMath, ConditionalBijector):
@@ -184,7 +205,7 @@ class ConditionalCoupling(_CouplingMath, ConditionalBijector):
         return self._couple(x, context, self.transformer.forward)
 
     def _inverse_and_ladj(self, y, context):
-        return self._couple(y, context, self.transformer.inverse)
+        return self._couple(y, context, self.transformer.inverse, inverse=True)
 
 
 def coupling_mask(input_dim: int, split_dim: int | None = None, dim: int = -1, mask=None) -> torch.Tensor:
@@ -210,30 +231,39 @@ def coupling_mask(input_dim: int, split_dim: int | None = None, dim: int = -1, m
     return torch.arange(input_dim) < split_dim
 
 
-def build_coupling(input_dim, kind, count_bins, bound, hidden_dims, mask, context_dim=None):
+def build_coupling(input_dim, kind, count_bins, bound, hidden_dims, mask, context_dim=None, identity: bool = True):
     """A coupling layer (conditional when ``context_dim`` is given) with an MLP conditioner
-    over the boolean ``mask`` (``True`` = passes unchanged, see :func:`coupling_mask`)."""
+    over the boolean ``mask`` (``True`` = conditions, see :func:`coupling_mask`; passes
+    unchanged unless ``identity=False``)."""
     transformer = make_transformer(kind, count_bins, bound)
     n_a = int(mask.sum())
     net = MLP(n_a + (context_dim or 0), (input_dim - n_a) * transformer.num_params,
               default_hidden(input_dim) if hidden_dims is None else hidden_dims)
     if context_dim is None:
-        return Coupling(transformer, net, mask)
+        return Coupling(transformer, net, mask, identity=identity)
+    if not identity:
+        raise ValueError("identity=False (a transformer on the conditioning half) is for unconditional couplings")
     return ConditionalCoupling(transformer, net, mask, context_dim)
 
 
 def spline_coupling(input_dim: int, split_dim: int | None = None, hidden_dims: Sequence[int] | None = None,
                     count_bins: int = 8, bound: float = 3.0, *, order: str = "linear",
-                    kind: str | Transformer | None = None, mask=None) -> Coupling:
-    """Pyro's ``spline_coupling``: a :class:`Coupling` layer whose first ``split_dim``
-    dimensions (default ``input_dim // 2``) condition a monotone rational spline
-    (``order`` ``"linear"`` or ``"quadratic"``, Pyro's; the coupling neural spline flow
-    of Durkan et al. 2019) on the rest, with an :class:`~pyroflows.nn.MLP`
-    conditioner.  Ours on top: ``kind=`` any transformer (overrides ``order``),
-    ``mask=`` any split.  Both directions one pass."""
+                    kind: str | Transformer | None = None, mask=None, identity: bool = False) -> Coupling:
+    r"""Pyro's ``spline_coupling`` (its ``SplineCoupling``): the coupling neural spline flow
+    of Durkan et al. 2019,
+
+    .. math:: y_a = h(x_a;\ \phi), \qquad y_b = g(x_b;\ \theta(x_a)),
+
+    where the first ``split_dim`` dimensions (default ``input_dim // 2``) :math:`x_a` condition,
+    through an :class:`~pyroflows.nn.MLP`, a monotone rational spline :math:`g` (``order``
+    ``"linear"`` or ``"quadratic"``, Pyro's) on the rest, and, as in Pyro, pass through their
+    own unconditional spline :math:`h` with learned parameters :math:`\phi` (``identity=True``
+    leaves them unchanged instead, the plain coupling layer).  Both splines start at the
+    identity.  Ours on top: ``kind=`` any transformer (overrides ``order``), ``mask=`` any
+    split.  Both directions one pass."""
     kind = spline_kind(order) if kind is None else kind
     return build_coupling(input_dim, kind, count_bins, bound, hidden_dims,
-                          coupling_mask(input_dim, split_dim, -1, mask))
+                          coupling_mask(input_dim, split_dim, -1, mask), identity=identity)
 
 
 def affine_coupling(input_dim: int, hidden_dims: Sequence[int] | None = None, split_dim: int | None = None,
