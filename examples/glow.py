@@ -156,7 +156,8 @@ def main(argv=None):
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--kind", default="affine", help="coupling transformer kind (affine, rq_spline, ...)")
+    p.add_argument("--kind", default="affine",
+                   help="coupling transformer kind (affine, sigmoid_affine, rq_spline, ...); docs/bench_images.md")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="hold out this fraction of the training images; keep the best validation epoch")
     p.add_argument("--batch-size", type=int, default=64)

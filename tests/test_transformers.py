@@ -13,10 +13,12 @@ import torch
 
 from pyroflows.transforms.transformers import (
     KINDS,
+    Affine,
     CubicSpline,
     LogisticMixtureCDF,
     PiecewiseQuadratic,
     RationalQuadraticSpline,
+    SigmoidAffine,
     Transformer,
     make_transformer,
 )
@@ -302,3 +304,27 @@ def test_sinh_arcsinh_has_separate_tail_weights_and_is_smooth_at_zero():
     assert (ld[1] - ld[0]).abs() <= 1e-7
     with pytest.raises(ValueError, match="max_tail"):
         SinhArcsinh(max_tail=1.0)
+
+
+def test_sigmoid_affine_inverse_never_expands_by_more_than_one_over_sigmoid_of_shift():
+    """Glow's sigmoid scale: whatever the parameters, the normalizing direction multiplies
+    a difference by at most 1/sigma(2) = 1.135; Affine's may reach e^5."""
+    torch.manual_seed(0)
+    params = torch.randn(1000, 2, dtype=torch.float64) * torch.tensor([1.0, 1e3], dtype=torch.float64)
+    y1 = torch.randn(1000, dtype=torch.float64)
+    y2 = y1 + 1e-3
+    limit = 1 / torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    sigmoid_gain = (SigmoidAffine().inverse(y2, params)[0] - SigmoidAffine().inverse(y1, params)[0]) / 1e-3
+    affine_gain = (Affine().inverse(y2, params)[0] - Affine().inverse(y1, params)[0]) / 1e-3
+    assert sigmoid_gain.max() <= limit * (1 + 1e-9)
+    assert sigmoid_gain.max() > 0.99 * limit  # the bound is reached, not just respected
+    assert affine_gain.max() > 100.0
+    x, ladj = SigmoidAffine().inverse(y1, params)
+    assert torch.isfinite(x).all() and torch.isfinite(ladj).all()
+    assert torch.allclose(SigmoidAffine().forward(x, params)[0], y1, atol=1e-9)
+
+
+def test_sigmoid_affine_is_the_identity_at_zero_parameters():
+    x = torch.randn(5, dtype=torch.float64)
+    y, ladj = SigmoidAffine().forward(x, torch.zeros(5, 2, dtype=torch.float64))
+    assert torch.equal(y, x) and torch.equal(ladj, torch.zeros(5, dtype=torch.float64))

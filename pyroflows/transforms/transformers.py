@@ -32,6 +32,7 @@ __all__ = [
     "PiecewiseLinear",
     "PiecewiseQuadratic",
     "RationalQuadraticSpline",
+    "SigmoidAffine",
     "SinhArcsinh",
     "SumOfSquaresPolynomial",
     "Transformer",
@@ -66,7 +67,23 @@ def soft_clamp(s: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(s / bound)
 
 
-class Affine(Transformer):
+class _ScaleShift(Transformer):
+    """:math:`g(x) = e^{a} x + t`, for subclasses that define ``_shift_log_scale(params) -> (t, a)``."""
+
+    num_params = 2
+
+    def forward(self, x, params):
+        shift, log_scale = self._shift_log_scale(params)
+        y = x * torch.exp(log_scale) + shift
+        return y, log_scale.expand_as(y)
+
+    def inverse(self, y, params):
+        shift, log_scale = self._shift_log_scale(params)
+        x = (y - shift) / torch.exp(log_scale)  # one op fewer than * exp(-s), forward and backward
+        return x, log_scale.expand_as(x)
+
+
+class Affine(_ScaleShift):
     r"""Affine map :math:`g(x) = e^{s} x + t` with :math:`\theta = (t, \tilde s)`.
 
     The log-scale is softly clamped, :math:`s = b\tanh(\tilde s/b)` with
@@ -75,8 +92,6 @@ class Affine(Transformer):
     that training cannot blow it up (the RealNVP instability), while remaining
     smooth.  Reference: Dinh et al., "Density estimation using Real NVP", 2017.
     """
-
-    num_params = 2
 
     def __init__(self, log_scale_bound: float = 5.0):
         self.log_scale_bound = float(log_scale_bound)
@@ -92,18 +107,45 @@ class Affine(Transformer):
         s = torch.as_tensor(log_scale, dtype=shift.dtype, device=shift.device).clamp(-0.99 * b, 0.99 * b)
         return torch.stack(torch.broadcast_tensors(shift, b * torch.atanh(s / b)), -1)
 
-    def forward(self, x, params):
-        shift, log_scale = self._shift_log_scale(params)
-        y = x * torch.exp(log_scale) + shift
-        return y, log_scale.expand_as(y)
-
-    def inverse(self, y, params):
-        shift, log_scale = self._shift_log_scale(params)
-        x = (y - shift) / torch.exp(log_scale)  # one op fewer than * exp(-s), forward and backward
-        return x, log_scale.expand_as(x)
-
     def __repr__(self):
         return f"Affine(log_scale_bound={self.log_scale_bound})"
+
+
+class SigmoidAffine(_ScaleShift):
+    r"""Glow's affine map with a sigmoid scale: :math:`g(x) = e^{a} x + t`,
+
+    .. math::
+
+        a = b \tanh\!\Big(\frac{\log\sigma(c) - \log\sigma(\tilde s + c)}{b}\Big),
+        \qquad \log g'(x) = a,
+
+    with :math:`\theta = (t, \tilde s)`, :math:`c` = ``shift`` (default 2, Glow's) and
+    :math:`b` = ``log_scale_bound`` (default 5, as :class:`Affine`).  Without the soft
+    clamp this is Glow's :math:`g^{-1}(y) = (y - t)\,\sigma(\tilde s + c)/\sigma(c)`.
+    Since :math:`a > \log\sigma(c)`, the inverse (the normalizing direction in a
+    :class:`~pyroflows.Flow`) multiplies by at most :math:`1/\sigma(c)` (1.135 for
+    :math:`c = 2`), so a stack of :math:`n` such layers amplifies a difference in the
+    data by at most :math:`\sigma(c)^{-n}`: an input unlike the training data cannot be
+    sent to an overflowing latent, which an exponential scale (:class:`Affine`, up to
+    :math:`e^{5}` per layer) allows.  The generative direction may expand, up to
+    :math:`e^{b}`.  :math:`\tilde s = 0` is the identity.
+
+    Reference: Kingma & Dhariwal, "Glow: generative flow with invertible 1x1
+    convolutions", NeurIPS 2018 (the official code's ``sigmoid(h + 2)`` scale).
+    """
+
+    def __init__(self, shift: float = 2.0, log_scale_bound: float = 5.0):
+        self.shift = float(shift)
+        self.log_scale_bound = float(log_scale_bound)
+        self._log_sigmoid_shift = float(F.logsigmoid(torch.tensor(self.shift, dtype=torch.float64)))
+
+    def _shift_log_scale(self, params):
+        """``(t, a)``: the shift and the forward map's log-scale, ``a > log sigma(c)``."""
+        shift, raw = params.unbind(-1)
+        return shift, soft_clamp(self._log_sigmoid_shift - F.logsigmoid(raw + self.shift), self.log_scale_bound)
+
+    def __repr__(self):
+        return f"SigmoidAffine(shift={self.shift}, log_scale_bound={self.log_scale_bound})"
 
 
 class Additive(Transformer):
@@ -1038,6 +1080,7 @@ class SinhArcsinh(Transformer):
 KINDS = {
     "affine": lambda bins, bound: Affine(),
     "additive": lambda bins, bound: Additive(),
+    "sigmoid_affine": lambda bins, bound: SigmoidAffine(),
     "piecewise_linear": lambda bins, bound: PiecewiseLinear(bins, -bound, bound),
     "piecewise_quadratic": lambda bins, bound: PiecewiseQuadratic(bins, bound),
     "cubic_spline": lambda bins, bound: CubicSpline(bins, bound),
