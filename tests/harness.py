@@ -29,6 +29,7 @@ from torch.distributions import constraints
 
 import pyroflows.transforms as T
 from pyroflows import Flow
+from pyroflows.nn import MADE
 from pyroflows.transforms.transformers import KINDS
 
 CONTEXT_DIM = 3
@@ -112,9 +113,13 @@ def build(case: Case, dim: int | None = None, seed: int = 0, perturb: float = 0.
     # noise on each parameter's natural scale: a network weight's is 1/sqrt(fan_in)
     fan_in = {id(m.weight): m.weight[0].numel() for m in layer.modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))}
+    # a MADE packs its layers' weights and biases into one tensor: each is perturbed on its own scale
+    packed = {id(m.weights): m.unpacked() for m in layer.modules() if isinstance(m, MADE)}
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(perturb / fan_in.get(id(p), 1) ** 0.5 * torch.randn_like(p))
+            for q in packed.get(id(p), [p]):
+                scale = q.shape[1] if id(p) in packed and q.dim() == 2 else fan_in.get(id(q), 1)
+                q.add_(perturb / scale ** 0.5 * torch.randn_like(q))
     layer.eval()  # BatchNorm-style layers are exact bijections in eval mode
     return layer
 

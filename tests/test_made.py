@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from pyroflows.nn import MADE
+from pyroflows.nn import MADE, MaskedLinear
 from pyroflows.nn.made import input_degrees
 
 
@@ -79,3 +81,29 @@ def test_one_dimension_gives_constant_outputs():
     made = _perturbed(MADE(1, 2, hidden=(4,)))
     a, b = made(torch.tensor([[0.0], [5.0]], dtype=torch.float64))
     assert torch.equal(a, b)
+
+
+def test_one_parameter_tensor_per_made():
+    """Every weight and bias lives in one flat tensor (Pyro steps each tensor separately)."""
+    made = MADE(4, 3, hidden=(8, 6), context_dim=2)
+    (param,) = made.parameters()
+    (layers, context_weight) = made.layers()
+    shapes = [tuple(w.shape) for w, _ in layers] + [tuple(b.shape) for _, b in layers]
+    assert shapes == [(8, 4), (6, 8), (12, 6), (8,), (6,), (12,)]
+    assert context_weight.shape == (8, 2)
+    assert param.numel() == sum(math.prod(s) for s in shapes) + 16
+    parts = made.unpacked()  # raw (unmasked) views, in the layout of the flat tensor
+    assert [tuple(q.shape) for q in parts] == [(8, 4), (8,), (6, 8), (6,), (12, 6), (12,), (8, 2)]
+    with torch.no_grad():
+        parts[-1].fill_(7.0)
+    assert param[-16:].eq(7.0).all() and made.layers()[1].eq(7.0).all()
+
+def test_masked_linear_sees_only_its_mask():
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    layer = MaskedLinear(mask).double()
+    J = jacobian(layer, torch.randn(3, dtype=torch.float64))
+    assert torch.equal(J != 0, mask.bool())
+    with torch.no_grad():  # the reused product follows an in-place change of the weight
+        before = layer(torch.ones(3, dtype=torch.float64))
+        layer.weight.add_(1.0)
+        assert torch.allclose(layer(torch.ones(3, dtype=torch.float64)), before + mask.sum(1).double())
