@@ -53,16 +53,19 @@ def run_one(dataset, posterior, prior, seed, args, data):
     latent = args.latent or latent
     torch.manual_seed(seed)
     prior_flow = flows.realnvp(latent, num_layers=4, hidden_dims=(64, 64)) if prior == "realnvp" else None
+    flow_kw = {"num_layers": args.flow_layers} if args.flow_layers and posterior != "gaussian" else {}
     vae = VAE(train.shape[1], latent_dim=latent, hidden_dims=hidden, posterior=posterior, prior=prior_flow,
-              context_dim=args.context_dim)
+              context_dim=args.context_dim, **flow_kw)
     t0 = time.perf_counter()
     train_vae(vae, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-              kl_warmup=args.kl_warmup,
+              kl_warmup=args.kl_warmup, weight_decay=args.weight_decay,
               val_data=val, eval_every=10, log_every=args.log_every)
     seconds = time.perf_counter() - t0
     r = evaluate_vae(vae, test, num_samples=args.k, chunk_size=args.chunk_size, batch_size=args.eval_batch,
                      seed=seed)
-    rec = {"dataset": dataset, "posterior": posterior, "prior": prior, "seed": seed, "epochs": args.epochs,
+    rec = {"dataset": dataset, "posterior": posterior, **({"flow_layers": args.flow_layers} if flow_kw else {}),
+           "prior": prior, "seed": seed, "epochs": args.epochs,
+           **({"weight_decay": args.weight_decay} if args.weight_decay else {}),
            "test_elbo": float(r.elbo.mean()), "test_iwae": float(r.iwae.mean()), "k": args.k,
            "train_seconds": round(seconds, 1)}
     print(json.dumps(rec), flush=True)
@@ -85,7 +88,8 @@ def save_pictures(vae, test, side, stem, img_dir):
 def table(records):
     groups = {}
     for r in records:
-        groups.setdefault((r["dataset"], r["posterior"], r["prior"]), []).append(r)
+        post = r["posterior"] + (f" ({r['flow_layers']} layers)" if r.get("flow_layers") else "")
+        groups.setdefault((r["dataset"], post, r["prior"]), []).append(r)
     lines = ["| data | posterior | prior | seeds | test ELBO | test IWAE (K) | train s/run |",
              "|---|---|---|---|---|---|---|"]
 
@@ -112,8 +116,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--latent", type=int, default=None)
     p.add_argument("--context-dim", type=int, default=32)
+    p.add_argument("--flow-layers", type=int, default=None,
+                   help="layers of every flow posterior (default: each kind's, see make_posterior)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 penalty, every parameter")
     p.add_argument("--kl-warmup", type=int, default=10, help="epochs of linear KL warm-up")
     p.add_argument("--k", type=int, default=1000, help="importance samples for the test IWAE bound")
     p.add_argument("--chunk-size", type=int, default=100)

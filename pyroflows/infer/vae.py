@@ -163,7 +163,8 @@ def binarize(x, threshold: float = 0.5):
 
 
 def train_vae(vae: VAE, x_train, *, epochs: int, batch_size: int = 100, lr: float = 1e-3, seed: int = 0,
-              kl_warmup: int = 0, val_data=None, eval_every: int = 10, log_every: int = 0) -> list[float]:
+              kl_warmup: int = 0, val_data=None, eval_every: int = 10, log_every: int = 0,
+              weight_decay: float = 0.0) -> list[float]:
     r"""Fit ``vae`` by SVI (``Trace_ELBO``, Adam) on the rows of ``x_train``; returns the
     per-epoch training loss (negative ELBO per image, with the warm-up weight).
 
@@ -174,12 +175,13 @@ def train_vae(vae: VAE, x_train, *, epochs: int, batch_size: int = 100, lr: floa
 
     With ``val_data``, every ``eval_every`` epochs the validation ELBO (20 draws per
     image) is measured and the parameters with the best one are restored at the
-    end (early stopping without stopping: the budget stays ``epochs``)."""
+    end (early stopping without stopping: the budget stays ``epochs``).
+    ``weight_decay``: Adam's L2 penalty on every parameter (encoder, decoder, flows)."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr, "weight_decay": weight_decay}), Trace_ELBO())
     g = torch.Generator().manual_seed(seed)
     n, history, t0 = x_train.shape[0], [], time.perf_counter()
     best, best_state = -float("inf"), None
