@@ -58,7 +58,7 @@ def build_flow(spec):
 
 
 def _roundtrip(flow):
-    layers = flow._all_transforms
+    layers = flow.transforms
 
     def roundtrip(x):
         z = x
@@ -99,7 +99,7 @@ def _warm_up(log_prob, sample, params, spec):
 def build_pyroflows_compiled(spec):
     """Whole pure ``log_prob`` (inverse through every layer + base) and sampling functions, compiled."""
     flow, note = build_flow(spec)
-    layers = list(flow._all_transforms)
+    layers = list(flow.transforms)
     D = spec["D"]
     c = -0.5 * D * torch.log(torch.tensor(2 * torch.pi)).item()
 
