@@ -1,22 +1,16 @@
 """Smoke test of benchmarks/quality_2d.py at a toy budget: structure and finiteness, no quality claim."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 pytest.importorskip("zuko")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_2d.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("quality_2d", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/quality_2d.py")
 
 
 KEYS = {"density", "model", "params", "steps", "batch_size", "lr", "n_test", "seed", "kl", "se", "test_nll",

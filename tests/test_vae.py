@@ -214,13 +214,9 @@ def test_global_latents_are_rejected():
 
 def test_example_vae_runs(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    import importlib.util
-    from pathlib import Path
+    from scripts import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "example_vae", Path(__file__).resolve().parents[1] / "examples" / "vae.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/vae.py", "example_vae")
     out = tmp_path / "r.jsonl"
     example.main(["--epochs", "1", "--k", "4", "--posteriors", "iaf", "--seeds", "0",
                   "--out", str(out), "--img-dir", ""])
