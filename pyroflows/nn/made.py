@@ -84,7 +84,7 @@ class _ReusesMaskedProduct:
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_masked"] = state["_views"] = None
+        state["_masked"] = None
         return state
 
 
@@ -176,23 +176,34 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         """The tensors packed in ``weights``, as views in their own shapes (writable in place
         under ``torch.no_grad``): each layer's weight ``(out, in)`` and bias ``(out,)``, input to
         output, then the context weight ``(hidden[0], context_dim)``; unmasked."""
-        return [part.view(shape) for part, shape in zip(self.weights.split(self._sizes), self._shapes)]
+        return self._unflatten(self.weights)
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (laid out as ``weights``) as views in the packed tensors' shapes: one split
+        (its backward is one concatenation), not a slice per tensor."""
+        return [part.view(shape) for part, shape in zip(flat.split(self._sizes), self._shapes)]
 
     def layers(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
         """``[(masked weight, bias) of each layer, input to output], context weight or None``:
         views of ``weights * mask``."""
         flat = self._masked_product(self.weights, self.mask)
         views = self.__dict__.get("_views")
-        if views is not None and views[0] is flat:  # the reused product of a pass without gradients
+        # without gradients the product is reused, and so are its views: a batch-8 MAF sample (5
+        # layers x 16 sequential passes) takes 4.6 ms with them, 6.4 ms re-splitting every pass
+        if views is not None and views[0] is flat:
             return views[1]
-        # one split (its backward is one concatenation), not a slice per tensor
-        parts = [part.view(shape) for part, shape in zip(flat.split(self._sizes), self._shapes)]
+        parts = self._unflatten(flat)
         context_weight = parts.pop() if self.context_dim else None
         layers = list(zip(parts[0::2], parts[1::2]))
         cached = self.__dict__.get("_masked")
         if cached is not None and flat is cached[3]:
             self.__dict__["_views"] = (flat, (layers, context_weight))
         return layers, context_weight
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_views"] = None
+        return state
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Parameters of shape ``(*batch, D, P)``; row ``d`` depends on ``x[..., <d]`` in the ordering."""
