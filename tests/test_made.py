@@ -107,3 +107,32 @@ def test_masked_linear_sees_only_its_mask():
         before = layer(torch.ones(3, dtype=torch.float64))
         layer.weight.add_(1.0)
         assert torch.allclose(layer(torch.ones(3, dtype=torch.float64)), before + mask.sum(1).double())
+
+
+@pytest.mark.parametrize("order", [None, "reverse", [3, 1, 5, 2, 4]])
+@pytest.mark.parametrize("hidden", [(16, 12), (3,)], ids=["wide", "fewer-units-than-degrees"])
+@pytest.mark.parametrize("context_dim", [None, 2])
+def test_solve_equals_repeated_whole_passes(order, hidden, context_dim):
+    """``solve`` (each hidden unit computed once) gives what D whole forward passes give."""
+    made = _perturbed(MADE(5, 3, hidden=hidden, context_dim=context_dim, permutation=order))
+    v = torch.randn(4, 1, 5, dtype=torch.float64)
+    context = torch.randn(3, context_dim, dtype=torch.float64) if context_dim else None
+
+    def g(v_d, params):  # an increasing map of v_d whose parameters depend on the earlier inputs
+        return v_d * params[..., 0].exp() + params[..., 1] * params[..., 2]
+
+    solved = made.solve(lambda d, params: g(v[..., d], params), v.shape[:-1], context)
+    shape = (4, 3, 5) if context_dim else (4, 1, 5)
+    u = torch.zeros(shape, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(5):  # pass k fixes the input of degree k
+            u = g(v, made(u, context))
+    assert solved.shape == shape
+    assert torch.allclose(solved, u, atol=1e-12)
+
+
+def test_solve_one_dimension_reads_only_the_bias():
+    made = _perturbed(MADE(1, 2, hidden=(4,)))
+    seen = []
+    made.solve(lambda d, params: seen.append(params) or params[..., 0], (3,))
+    assert torch.equal(seen[0], made.unpacked()[-1].expand(3, 2))

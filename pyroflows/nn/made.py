@@ -217,5 +217,65 @@ class MADE(_ReusesMaskedProduct, nn.Module):
             h = F.linear(self.activation(h), w, b)
         return h.unflatten(-1, (self.input_dim, self.num_params))
 
+    def solve(self, step, batch_shape, context: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Solve an autoregressive system one input at a time, each hidden unit computed once.
+
+        For ``j = 1..D`` in the ordering, ``step(d, params)`` receives the input dimension ``d``
+        of degree ``j`` and its parameters ``params`` (``(*batch, P)``, what :meth:`forward`
+        gives in row ``d``), computed from the inputs already returned, and returns that input
+        ``(*batch,)``.  Returns the solved inputs ``(*batch, D)``.
+
+        This is what sampling a MAF (or inverting an IAF) needs: running :meth:`forward` ``D``
+        times recomputes every hidden unit ``D`` times, yet a unit of degree :math:`k` only
+        depends on the inputs of degree :math:`\le k`, so its value is final as soon as they are.
+        Here each pass computes the units of one degree (layer by layer, from units sorted by
+        degree) and the ``P`` outputs of one dimension: the whole solve costs about one dense
+        pass of arithmetic instead of ``D``.  It writes into preallocated buffers, so it runs
+        without autograd (the callers use it only when no gradient is needed); the activation
+        must act elementwise.
+        """
+        D, P = self.input_dim, self.num_params
+        layers, context_weight = self.layers()
+        order = torch.argsort(self.degrees)  # order[j]: the input of degree j + 1
+        lowest = 0 if self.context_dim else 1
+        # sort each hidden layer's units by degree; count[l][j] = units of degree <= j
+        ref = layers[0][0]
+        sorts, counts = [order], []
+        for w, _ in layers[:-1]:
+            deg = hidden_degrees(w.shape[0], D, lowest)
+            sorts.append(torch.argsort(deg, stable=True).to(ref.device))
+            counts.append(torch.searchsorted(deg.sort().values, torch.arange(D), right=True).tolist())
+        hidden = [(w[rows][:, cols], b[rows]) for (w, b), rows, cols in zip(layers[:-1], sorts[1:], sorts[:-1])]
+        w_out, b_out = layers[-1]
+        w_out = w_out.view(D, P, -1)[:, :, sorts[-1]]
+        b_out = b_out.view(D, P)
+        with torch.no_grad():
+            if context is not None:
+                if context_weight is None:
+                    raise ValueError("this MADE takes no context")
+                batch_shape = torch.broadcast_shapes(tuple(batch_shape), context.shape[:-1])
+                extra = F.linear(context, context_weight[sorts[1]]).expand(*batch_shape, -1)
+            elif context_weight is not None:
+                raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
+            kw, n = {"dtype": ref.dtype, "device": ref.device}, math.prod(batch_shape)
+            u = torch.zeros(*batch_shape, D, **kw)  # inputs in degree order
+            acts = [torch.zeros(*batch_shape, w.shape[0], **kw) for w, _ in hidden]
+            for j in range(D):
+                prev, n_prev = u, j  # inputs of degree <= j
+                for layer, ((w, b), count, a) in enumerate(zip(hidden, counts, acts)):
+                    lo, hi = (count[j - 1] if j else 0), count[j]
+                    if hi > lo:
+                        h = torch.addmm(b[lo:hi], prev[..., :n_prev].reshape(n, n_prev),
+                                        w[lo:hi, :n_prev].t()).view(*batch_shape, hi - lo)
+                        if layer == 0 and context is not None:
+                            h = h + extra[..., lo:hi]
+                        a[..., lo:hi] = self.activation(h)
+                    prev, n_prev = a, hi
+                d = int(order[j])
+                params = torch.addmm(b_out[d], prev[..., :n_prev].reshape(n, n_prev),
+                                     w_out[d, :, :n_prev].t()).view(*batch_shape, P)
+                u[..., j] = step(d, params)
+            return u[..., torch.argsort(order)]
+
     def extra_repr(self):
         return f"input_dim={self.input_dim}, num_params={self.num_params}, context_dim={self.context_dim}"

@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+#: Batch rows from which the sequential direction solves one dimension at a time
+#: (:meth:`MADE.solve`); below it, ``D`` whole MADE passes cost less Python.
+SOLVE_BY_DIMENSION_MIN_ROWS = 256
+
+
 class _AutoregressiveMath:
     """One-pass and sequential application of a transformer whose parameters come from a MADE."""
 
@@ -73,14 +78,39 @@ class _AutoregressiveMath:
         return out, ladj.sum(-1)
 
     def _sequential(self, v, context, transform):
-        """Solve ``u = transform(v; theta(u))`` for ``u``: ``D`` MADE passes (fewer when ``D == 1``)."""
+        """Solve ``u = transform(v; theta(u))`` for ``u``.  Without gradients, one dimension at a
+        time with each MADE hidden unit computed once (:meth:`MADE.solve`); with gradients (or
+        under ``torch.compile``), ``D`` whole MADE passes (fewer when ``D == 1``), each exact for
+        one more dimension."""
+        if (v[..., 0].numel() >= SOLVE_BY_DIMENSION_MIN_ROWS and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and _needs_grad(self, v, context))):
+            return self._solve_by_dimension(v, context, transform)
         u, ladj = transform(v, self._params(torch.zeros_like(v), context))
         for _ in range(self.made.input_dim - 1):
             u, ladj = transform(v, self._params(u, context))
         return u, ladj.sum(-1)
 
+    def _solve_by_dimension(self, v, context, transform):
+        offset = self.param_offset
+        ladj = []
+
+        def step(d, params):
+            if offset is not None:
+                params = params + offset
+            u_d, ladj_d = transform(v[..., d : d + 1], params.unsqueeze(-2))
+            ladj.append(ladj_d)
+            return u_d.squeeze(-1)
+
+        u = self.made.solve(step, v.shape[:-1], context)
+        return u, torch.cat(ladj, -1).sum(-1)
+
     def extra_repr(self):
         return f"{self.transformer!r}"
+
+
+def _needs_grad(module, *tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors) or any(
+        p.requires_grad for p in module.parameters())
 
 
 _MAF_DOC = r"""
@@ -103,7 +133,10 @@ class MaskedAutoregressive(_AutoregressiveMath, Bijector):
 
     The inverse (the density direction, used by ``log_prob``) is **one**
     MADE pass, :math:`z = g^{-1}(x; \theta(x))`; the forward (sampling)
-    direction is sequential, :math:`D` MADE passes.
+    direction is sequential: without gradients and from
+    ``SOLVE_BY_DIMENSION_MIN_ROWS`` rows, one dimension at a time with each
+    hidden unit computed once (:meth:`~pyroflows.nn.MADE.solve`, about one
+    MADE pass of arithmetic), otherwise :math:`D` MADE passes.
     """ + _MAF_DOC
 
     def __init__(self, transformer: Transformer, made: MADE, cache_size: int = 1):
@@ -127,7 +160,8 @@ class InverseAutoregressive(_AutoregressiveMath, Bijector):
 
     The forward (sampling) direction is **one** MADE pass, and ``log_prob``
     of the layer's own samples reuses that pass through the cache; the
-    inverse (scoring new data) is sequential, :math:`D` MADE passes.
+    inverse (scoring new data) is sequential, solved as the MAF's sampling
+    direction is.
     """ + _MAF_DOC
 
     def __init__(self, transformer: Transformer, made: MADE, cache_size: int = 1):
