@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mlp import hidden_activation
+
 __all__ = ["MADE", "MaskedLinear", "connectivity", "hidden_degrees", "input_degrees"]
 
 
@@ -169,7 +171,7 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         self._sizes = [math.prod(shape) for shape in self._shapes]
         self.weights = nn.Parameter(torch.cat(weights).to(torch.get_default_dtype()))
         self.register_buffer("mask", torch.cat(flat_mask).to(torch.get_default_dtype()))
-        self.activation = activation()
+        self.activation = hidden_activation(activation)
         self._masked = self._views = None
 
     def unpacked(self) -> list[torch.Tensor]:

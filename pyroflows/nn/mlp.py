@@ -6,9 +6,29 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MLP"]
+
+
+class _InPlaceReLU(nn.ReLU):
+    """``nn.ReLU(inplace=True)``, out of place while ``torch.jit`` traces (Pyro's
+    ``JitTrace_ELBO``): the traced graph's interpreter rejects the in-place op on the first
+    layer's output."""
+
+    def __init__(self):
+        super().__init__(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x, inplace=not torch.jit.is_tracing())
+
+
+def hidden_activation(activation: type[nn.Module]) -> nn.Module:
+    """An instance of ``activation`` for a hidden layer; ``nn.ReLU`` acts in place (its input, a
+    fresh ``Linear`` output, is not needed again, and autograd keeps the ReLU's output): no new
+    tensor, one pass over memory that is still in cache."""
+    return _InPlaceReLU() if activation is nn.ReLU else activation()
 
 
 class MLP(nn.Sequential):
@@ -31,7 +51,7 @@ class MLP(nn.Sequential):
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(widths):
-            layers += [nn.Linear(a, b), activation()]
+            layers += [nn.Linear(a, b), hidden_activation(activation)]
         last = nn.Linear(widths[-1], out_features)
         if zero_init:
             nn.init.zeros_(last.weight)
