@@ -219,6 +219,7 @@ class MADE(_ReusesMaskedProduct, nn.Module):
             h = F.linear(self.activation(h), w, b)
         return h.unflatten(-1, (self.input_dim, self.num_params))
 
+    @torch.no_grad()
     def solve(self, step, batch_shape, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""Solve an autoregressive system one input at a time, each hidden unit computed once.
 
@@ -233,7 +234,7 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         Here each pass computes the units of one degree (layer by layer, from units sorted by
         degree) and the ``P`` outputs of one dimension: the whole solve costs about one dense
         pass of arithmetic instead of ``D``.  It writes into preallocated buffers, so it runs
-        without autograd (the callers use it only when no gradient is needed); the activation
+        without autograd (the layers use it only when no gradient is needed); the activation
         must act elementwise.
         """
         D, P = self.input_dim, self.num_params
@@ -251,33 +252,32 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         w_out, b_out = layers[-1]
         w_out = w_out.view(D, P, -1)[:, :, sorts[-1]]
         b_out = b_out.view(D, P)
-        with torch.no_grad():
-            if context is not None:
-                if context_weight is None:
-                    raise ValueError("this MADE takes no context")
-                batch_shape = torch.broadcast_shapes(tuple(batch_shape), context.shape[:-1])
-                extra = F.linear(context, context_weight[sorts[1]]).expand(*batch_shape, -1)
-            elif context_weight is not None:
-                raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
-            kw, n = {"dtype": ref.dtype, "device": ref.device}, math.prod(batch_shape)
-            u = torch.zeros(*batch_shape, D, **kw)  # inputs in degree order
-            acts = [torch.zeros(*batch_shape, w.shape[0], **kw) for w, _ in hidden]
-            for j in range(D):
-                prev, n_prev = u, j  # inputs of degree <= j
-                for layer, ((w, b), count, a) in enumerate(zip(hidden, counts, acts)):
-                    lo, hi = (count[j - 1] if j else 0), count[j]
-                    if hi > lo:
-                        h = torch.addmm(b[lo:hi], prev[..., :n_prev].reshape(n, n_prev),
-                                        w[lo:hi, :n_prev].t()).view(*batch_shape, hi - lo)
-                        if layer == 0 and context is not None:
-                            h = h + extra[..., lo:hi]
-                        a[..., lo:hi] = self.activation(h)
-                    prev, n_prev = a, hi
-                d = int(order[j])
-                params = torch.addmm(b_out[d], prev[..., :n_prev].reshape(n, n_prev),
-                                     w_out[d, :, :n_prev].t()).view(*batch_shape, P)
-                u[..., j] = step(d, params)
-            return u[..., torch.argsort(order)]
+        if context is not None:
+            if context_weight is None:
+                raise ValueError("this MADE takes no context")
+            batch_shape = torch.broadcast_shapes(tuple(batch_shape), context.shape[:-1])
+            extra = F.linear(context, context_weight[sorts[1]]).expand(*batch_shape, -1)
+        elif context_weight is not None:
+            raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
+        kw, n, dims = {"dtype": ref.dtype, "device": ref.device}, math.prod(batch_shape), order.tolist()
+        u = torch.zeros(*batch_shape, D, **kw)  # inputs in degree order
+        acts = [torch.zeros(*batch_shape, w.shape[0], **kw) for w, _ in hidden]
+        for j in range(D):
+            prev, n_prev = u, j  # inputs of degree <= j
+            for layer, ((w, b), count, a) in enumerate(zip(hidden, counts, acts)):
+                lo, hi = (count[j - 1] if j else 0), count[j]
+                if hi > lo:
+                    h = torch.addmm(b[lo:hi], prev[..., :n_prev].reshape(n, n_prev),
+                                    w[lo:hi, :n_prev].t()).view(*batch_shape, hi - lo)
+                    if layer == 0 and context is not None:
+                        h = h + extra[..., lo:hi]
+                    a[..., lo:hi] = self.activation(h)
+                prev, n_prev = a, hi
+            d = dims[j]
+            params = torch.addmm(b_out[d], prev[..., :n_prev].reshape(n, n_prev),
+                                 w_out[d, :, :n_prev].t()).view(*batch_shape, P)
+            u[..., j] = step(d, params)
+        return u[..., torch.argsort(order)]
 
     def extra_repr(self):
         return f"input_dim={self.input_dim}, num_params={self.num_params}, context_dim={self.context_dim}"
