@@ -444,20 +444,33 @@ def test_diagnostics_and_inferencedata_with_unsamplable_flat_priors():
 
 def test_tail_adaptive_guide_has_a_student_t_base_and_trains():
     """By default (tail_adaptive=True) the flow's standard-normal base is swapped for a
-    StudentTBase (df 30 at the start) whose degrees of freedom train with the rest of the guide;
-    tail_adaptive=False keeps the standard normal."""
+    StudentTBase (df TAIL_DF_START = 5 at the start) whose degrees of freedom train with the rest
+    of the guide; tail_adaptive=False keeps the standard normal."""
     from pyroflows import StudentTBase
     from pyroflows.flow import StandardNormal
+    from pyroflows.infer.autoguide import TAIL_DF_START
 
     plain = AutoFlow(model, small_flow, tail_adaptive=False)
     plain()
     assert isinstance(plain.flow.base, StandardNormal)
     guide = AutoFlow(model, small_flow)
+    guide()
+    assert torch.allclose(guide.flow.base.df.detach(), torch.full((2,), TAIL_DF_START))
     losses = fit(guide, mdl=model, steps=20, lr=1e-2)
     assert isinstance(guide.flow.base, StudentTBase)
     assert isinstance(guide.get_base_dist().base_dist, dist.StudentT)
     assert all(math.isfinite(x) for x in losses)
-    assert not torch.allclose(guide.flow.base.df.detach(), torch.full((2,), 30.0))
+    assert not torch.allclose(guide.flow.base.df.detach(), torch.full((2,), TAIL_DF_START))
+    # the starting df is an option; whatever it is, the guide starts at init_scale
+    heavy = AutoFlow(model, small_flow, tail_df=6.0, laplace=False, init_scale=0.05)
+    heavy()
+    assert torch.allclose(heavy.flow.base.df.detach(), torch.full((2,), 6.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = heavy.get_posterior().sample((20000,))
+    assert torch.allclose(draws.std(0), torch.full((2,), 0.05), rtol=0.1)
+    with pytest.raises(ValueError, match="tail_df"):
+        AutoFlow(model, small_flow, tail_df=2.0)
 
 
 def test_tail_adaptive_default_keeps_a_flows_own_base_and_true_refuses_it():

@@ -39,6 +39,7 @@ GUIDES = {
     "AutoFlow": AutoFlow,
     # the default before the tail-adaptive base (issue 12): a standard-normal base
     "AutoFlow (Gaussian base)": lambda model: AutoFlow(model, tail_adaptive=False),
+    "AutoFlow (tail_df=30, the default before 2026-12-02)": lambda model: AutoFlow(model, tail_df=30.0),
     # the first defaults of issue 16's branch
     "AutoFlow, stl=True, average=0.99 (first defaults)":
         lambda model: AutoFlow(model, stl=True, average=0.99, tail_adaptive=False),
