@@ -269,11 +269,10 @@ class AutoFlow(AutoContinuous):
             measures (posteriordb, 3 seeds: mean k-hat lower on 7 of the 8 posteriors, e.g.
             kilpisjarvi 0.57 -> 0.15, arma 0.52 -> 0.24, higher on hmm_drive, 0.61 -> 0.73;
             docs/bench_posteriordb.md).  The start matters: the ELBO moves the degrees of
-            freedom little and only upwards where the guide's tails are already light enough
-            (from 30 they drifted to 35-50), so a start at 30 never found a heavy tail.  From 5
-            the fit keeps the tails it needs: on the Cauchy-location posterior (tails
-            :math:`|\mu|^{-6}`, a t with 5 degrees of freedom) its degrees of freedom stay near 5 and
-            k-hat drops from 0.39-1.68 to -0.11-0.19 (3 seeds); on posteriordb the mean k-hat
+            freedom little, and from 30 they only drifted up (to 35-50), so that start never
+            found a heavy tail.  From 5 the fit keeps the tails it needs: on the Cauchy-location
+            posterior (tails :math:`|\mu|^{-6}`, a t with 5 degrees of freedom) they ended at
+            5.3-5.5 in the first runs, and k-hat drops from 0.39-1.68 to -0.11-0.19 (3 seeds); on posteriordb the mean k-hat
             drops on every posterior, hmm_drive's from 0.73 to 0.27 (docs/bench_autoguides.md,
             "Starting degrees of freedom").
         tail_df: the tail-adaptive base's starting degrees of freedom (default
