@@ -272,9 +272,9 @@ class AutoFlow(AutoContinuous):
             freedom little, and from 30 they only drifted up (to 35-50), so that start never
             found a heavy tail.  From 5 the fit keeps the tails it needs: on the Cauchy-location
             posterior (tails :math:`|\mu|^{-6}`, a t with 5 degrees of freedom) they ended at
-            5.3-5.5 in the first runs, and k-hat drops from 0.39-1.68 to -0.11-0.19 (3 seeds); on posteriordb the mean k-hat
-            drops on every posterior, hmm_drive's from 0.73 to 0.27 (docs/bench_autoguides.md,
-            "Starting degrees of freedom").
+            5.3-5.5 in the first runs, and k-hat drops from 0.39-1.68 to -0.11-0.19 (3 seeds);
+            on posteriordb the mean k-hat drops on every posterior, hmm_drive's from 0.73 to
+            0.27 (docs/bench_autoguides.md, "Starting degrees of freedom").
         tail_df: the tail-adaptive base's starting degrees of freedom (default
             ``TAIL_DF_START`` = 5; must be above 2, the base's lower bound).  The guide starts
             with the scales ``init_scale`` (or the Laplace ones) whatever the base: the

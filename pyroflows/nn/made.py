@@ -150,6 +150,10 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         self.register_buffer("degrees", deg_in)
         lowest = 0 if self.context_dim else 1
         degs = [deg_in] + [hidden_degrees(h, input_dim, lowest) for h in hidden]
+        # for solve(): each hidden layer's units sorted by degree, and how many have degree <= j
+        self._units_by_degree = [
+            (torch.argsort(deg, stable=True), torch.searchsorted(deg.sort().values, torch.arange(input_dim), right=True).tolist())
+            for deg in degs[1:]]
         deg_out = deg_in.repeat_interleave(num_params)  # output index d * P + p has degree m(d)
         masks = [connectivity(a, b, strict=False) for a, b in itertools.pairwise(degs)]
         masks.append(connectivity(degs[-1], deg_out, strict=True))
@@ -239,15 +243,10 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         """
         D, P = self.input_dim, self.num_params
         layers, context_weight = self.layers()
-        order = torch.argsort(self.degrees)  # order[j]: the input of degree j + 1
-        lowest = 0 if self.context_dim else 1
-        # sort each hidden layer's units by degree; count[l][j] = units of degree <= j
         ref = layers[0][0]
-        sorts, counts = [order], []
-        for w, _ in layers[:-1]:
-            deg = hidden_degrees(w.shape[0], D, lowest)
-            sorts.append(torch.argsort(deg, stable=True).to(ref.device))
-            counts.append(torch.searchsorted(deg.sort().values, torch.arange(D), right=True).tolist())
+        order = torch.argsort(self.degrees)  # order[j]: the input of degree j + 1
+        sorts = [order] + [rows.to(ref.device) for rows, _ in self._units_by_degree]
+        counts = [count for _, count in self._units_by_degree]  # count[j]: units of degree <= j
         hidden = [(w[rows][:, cols], b[rows]) for (w, b), rows, cols in zip(layers[:-1], sorts[1:], sorts[:-1])]
         w_out, b_out = layers[-1]
         w_out = w_out.view(D, P, -1)[:, :, sorts[-1]]
