@@ -3,7 +3,8 @@
 Centred eight schools has a funnel: given ``tau``, each ``theta_j`` has sd about ``tau``, and the
 posterior of ``log tau`` has a long exponential left tail (20% of its mass below 0, 2.8% below -2,
 non-centred NUTS).  A guide that does not reach into that neck has importance weights ``p / q``
-that blow up there, which is what PSIS k-hat measures.
+that blow up there, which is what PSIS k-hat measures; the ``mle_nuts`` variant shows that this is
+not the whole story (``docs/bench_autoguides.md``, "Eight schools' neck").
 
 For each training variant (``--variants``) and seed the script fits ``AutoFlow(eight_schools.model)``
 and prints PSIS k-hat and ESS from 4000 guide draws, and how far the guide reaches into the neck:
@@ -30,7 +31,7 @@ lr 1e-2 decayed 10x, clip 10, Trace_ELBO with 8 vectorised particles, 2000 steps
   of ``(mu, tau, theta)`` is the same, but the guide then works on different latents, so k-hat is
   that of a different density: what a user can do instead, not this benchmark's goal.
 
-    python benchmarks/eight_schools_neck.py --seeds 0 1 2                  # about 40 min on 2 cores
+    python benchmarks/eight_schools_neck.py --seeds 0 1 2                  # about 35 min in one process
     python benchmarks/eight_schools_neck.py --variants default anneal --seeds 0
 """
 
