@@ -84,8 +84,8 @@ class ImportanceWeightedForwardKL(Trace_ELBO):
             for site in trace.nodes.values():
                 if site["type"] == "sample":
                     log_w = log_w + sign * site["log_prob"].reshape(n, -1).sum(-1)
-        latent = guide_trace.nodes[f"_{self.guide._pyro_name}_latent"]["value"].reshape(n, -1)
         g = self.guide
+        latent = guide_trace.nodes[f"_{g._pyro_name}_latent"]["value"].reshape(n, -1)
         log_q = _FlowDensity(g.flow, g.linear, g.standardise, g._whitening())(latent.detach())
         forward_kl = -(torch.softmax(log_w.detach(), 0) * log_q).sum()
         elbo = log_w.mean()

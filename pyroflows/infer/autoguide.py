@@ -405,8 +405,7 @@ class AutoFlow(AutoContinuous):
         scales clamped to the layer's bound)."""
         base = self.flow.base
         if isinstance(base, StudentTBase):
-            df = base.df.detach().to(scale)
-            scale = scale * ((df - 2) / df).sqrt()
+            scale = scale / base().stddev.detach().to(scale)
         params = self.standardise.transformer.params_for(loc, scale.log())
         self.standardise.params.copy_(params.to(self.standardise.params.dtype))
 
