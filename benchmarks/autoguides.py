@@ -67,7 +67,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     flow_name = ("AutoFlow's default (pyroflows.infer.autoguide.default_flow: 3 affine IAF layers, log-scale bound 10; "
-                 "plus the triangular linear layer, init_scale 1, STL gradient)" if args.flow is None else
+                 "plus the triangular linear layer, Student-t base from 5 degrees of freedom, Laplace start, the model's "
+                 "latent-scaled normal sites non-centred inside the guide)" if args.flow is None else
                  f"`{args.flow}` (pyroflows.flows.{args.flow} with its defaults, as AutoFlow builds it)")
     common = {"num_steps": args.steps, "lr": args.lr, "num_particles": args.particles, "num_samples": args.samples, "all_pyro": True, "flow": args.flow,
               "seed": args.seed,

@@ -363,7 +363,7 @@ def test_stl_falls_back_to_the_standard_gradient_when_the_inverse_disagrees():
     guide = AutoFlow(conj_model, small_flow, stl=True, laplace=False, init_scale=0.5)
     guide()
     honest = guide._detached_log_prob
-    for corrupt in (lambda t: honest(t) + 5.0, lambda t: honest(t) * float("nan")):
+    for corrupt in (lambda t, *a: honest(t, *a) + 5.0, lambda t, *a: honest(t, *a) * float("nan")):
         guide._detached_log_prob = corrupt
         with pytest.warns(RuntimeWarning, match="standard gradient"):
             pyro.set_rng_seed(3)
