@@ -148,3 +148,26 @@ def test_a_model_the_search_cannot_run_stays_centred_with_a_warning():
         guide()
     assert guide.noncentred_sites == []
     assert _guide(fragile, noncentre=False).noncentred_sites == []
+
+
+def test_the_model_stops_after_the_last_non_centred_site():
+    """The layer's model run ends at the last non-centred site: what follows (a likelihood) is
+    not evaluated, and the plate stack is left clean."""
+    calls = []
+
+    def model(y=Y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(2.0))
+        with pyro.plate("groups", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            calls.append(1)
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    guide = _guide(model)
+    t = ModelNonCentring(guide, guide.noncentred_sites, plate_nesting=1)
+    before = len(calls)
+    x = torch.randn(3, guide.latent_dim)
+    assert torch.allclose(t.inv(t(x)), x, atol=1e-5)
+    assert len(calls) == before
+    from pyro.poutine.runtime import _PYRO_STACK
+    assert len(_PYRO_STACK) == 0

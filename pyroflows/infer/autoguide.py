@@ -667,9 +667,14 @@ class AutoFlow(AutoContinuous):
         return [ModelNonCentring(self, self.noncentred_sites, args, kwargs, self._model_plate_nesting())]
 
     def _model_plate_nesting(self) -> int:
-        """Plate dimensions of the whole model (observed sites too), from the prototype trace."""
-        return max((-f.dim for site in self.prototype_trace.nodes.values() if site["type"] == "sample"
-                    for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None), default=0)
+        """Plate dimensions of the whole model (observed sites too), from the prototype trace
+        (looked up once per trace: the guide asks at every step)."""
+        trace = self.prototype_trace
+        if getattr(self, "_plate_nesting_of", (None,))[0] is not trace:
+            nesting = max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
+                           for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None), default=0)
+            self._plate_nesting_of = (trace, nesting)
+        return self._plate_nesting_of[1]
 
     def _whitening(self) -> list:
         """The fixed map from the whitened coordinates to the latent vector (the Laplace start),

@@ -23,6 +23,8 @@ and PSIS k-hat, are those of the centred posterior: the model is not changed.
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
 from pyro import poutine
@@ -47,14 +49,20 @@ def _is_normal(fn) -> bool:
         fn = inner
 
 
+class _Done(Exception):
+    """Raised once the last non-centred site is done: the rest of the model (its likelihood,
+    often the costly part) is not needed."""
+
+
 class _Substitute(Messenger):
     """Runs a model at given latent values; at the sites in ``sites`` the value is
     ``mean + sd * noise`` (``inverse=False``) or the given one, whose noise
-    ``(value - mean) / sd`` is recorded (``inverse=True``).  Records ``log sd`` per site."""
+    ``(value - mean) / sd`` is recorded (``inverse=True``).  Records ``log sd`` per site and
+    stops the model (:class:`_Done`) after the site ``last``."""
 
-    def __init__(self, values: dict, noise: dict, sites, inverse: bool):
+    def __init__(self, values: dict, noise: dict, sites, inverse: bool, last: str):
         super().__init__()
-        self.values, self.noise, self.sites, self.inverse = values, noise, sites, inverse
+        self.values, self.noise, self.sites, self.inverse, self.last = values, noise, sites, inverse, last
         self.out_noise, self.out_values, self.log_sd = {}, {}, {}
 
     def _pyro_sample(self, msg):
@@ -76,12 +84,42 @@ class _Substitute(Messenger):
         self.out_values[name] = value
         msg["value"] = value
         msg["is_observed"] = True
+        if name == self.last:
+            raise _Done
+
+
+def _broadcast_shapes(a: tuple, b: tuple) -> tuple:
+    """``torch.broadcast_shapes`` for two shapes known to broadcast, on plain tuples (that
+    function costs tens of microseconds a call, a sizeable part of this layer's run)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
+
+
+def _layout(guide) -> list:
+    """Per latent site of an AutoContinuous guide, in the latent vector's order: ``(name, start,
+    stop, unconstrained shape, event dims of the unconstrained value, map to the site's support)``;
+    computed once per prototype trace."""
+    cached = guide.__dict__.get("_noncentring_layout")
+    if cached is not None and cached[0] is guide.prototype_trace:
+        return cached[1]
+    layout, pos = [], 0
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        shape = tuple(guide._unconstrained_shapes[name])
+        size = math.prod(shape)
+        event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
+        layout.append((name, pos, pos + size, shape, event_dim, biject_to(site["fn"].support)))
+        pos += size
+    guide.__dict__["_noncentring_layout"] = (guide.prototype_trace, layout)
+    return layout
 
 
 class ModelNonCentring(Transform):
     r"""The fixed bijection :math:`(\pi, \eta) \mapsto (\pi, \theta)`, :math:`\theta = m(\pi)
     + s(\pi)\,\eta`, on an autoguide's unconstrained latent vector, for the normal sites
     ``sites`` of the guide's model (see the module docstring for the math and reference).
+    Each direction is one run of the model, stopped after the last of ``sites`` (the rest,
+    typically the likelihood, is not needed); the log-Jacobian of the last pass is cached.
 
     Args:
         guide: a set-up :class:`~pyro.infer.autoguide.AutoContinuous` guide (its prototype
@@ -109,20 +147,31 @@ class ModelNonCentring(Transform):
         :math:`\sum \log s` (batch shape of ``vec``)."""
         batch = vec.shape[:-1]
         flat = vec.reshape((-1,) + (1,) * self.plate_nesting + vec.shape[-1:]) if batch else vec
+        rows = flat.shape[:-1]
         values, noise, pieces = {}, {}, []
-        for site, u in self.guide._unpack_latent(flat):
-            if site["name"] in self.sites and not inverse:
-                noise[site["name"]] = u
+        for name, start, stop, shape, event_dim, to_site in _layout(self.guide):
+            # the site's unconstrained value, its own shape right-aligned against the batch rows
+            # (what AutoContinuous._unpack_latent gives, without its per-call shape broadcasting)
+            u = flat[..., start:stop].reshape(_broadcast_shapes(shape, rows + (1,) * event_dim))
+            if name in self.sites and not inverse:
+                noise[name] = u
             else:
-                values[site["name"]] = biject_to(site["fn"].support)(u)
-            pieces.append((site["name"], u))
-        run = _Substitute(values, noise, self.sites, inverse)
+                values[name] = to_site(u)
+            pieces.append((name, u))
+        last = [name for name, *_ in _layout(self.guide) if name in self.sites][-1]
+        run = _Substitute(values, noise, self.sites, inverse, last)
         # the model's own run in SVI validates its distributions; here that would only repeat
         # the checks (a third of this run's cost)
-        with poutine.block(), run, pyro.validation_enabled(False):
-            self.guide._user_model[0](*self.args, **self.kwargs)
+        try:
+            with poutine.block(), run, pyro.validation_enabled(False):
+                self.guide._user_model[0](*self.args, **self.kwargs)
+        except _Done:
+            pass
+        missing = self.sites.difference(run.log_sd)
+        if missing:
+            raise RuntimeError(f"the model did not reach the non-centred site(s) {sorted(missing)} "
+                               "(a model whose sites change between runs cannot be non-centred: noncentre=False)")
         parts, log_det = [], 0.0
-        rows = flat.shape[:-1]
         for name, u in pieces:
             if name in self.sites:
                 new = run.out_noise[name] if inverse else run.out_values[name]
