@@ -171,3 +171,31 @@ def test_the_model_stops_after_the_last_non_centred_site():
     assert len(calls) == before
     from pyro.poutine.runtime import _PYRO_STACK
     assert len(_PYRO_STACK) == 0
+
+
+def test_neutra_and_summaries_without_the_data_use_the_latest_call():
+    """NeuTraReparam asks for ``get_transform()`` without the model's arguments; the layer then
+    runs the model with those of the guide's latest call (here: data without a default)."""
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.reparam import NeuTraReparam
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(2.0))
+        with pyro.plate("groups", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu + y.mean(), tau))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y)
+
+    guide = AutoFlow(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(Y)
+    z = guide.get_base_dist().sample((7,))
+    assert torch.allclose(guide.get_transform()(z), guide.get_transform(Y)(z))
+    draws = guide.sample_posterior(50)
+    assert draws["theta"].shape == (50, 4) and torch.isfinite(draws["theta"]).all()
+    neutra = NeuTraReparam(guide)
+    mcmc = MCMC(NUTS(neutra.reparam(model)), num_samples=5, warmup_steps=5, disable_progbar=True)
+    mcmc.run(Y)
+    shared = mcmc.get_samples()["mu_shared_latent"]
+    assert shared.shape == (5, guide.latent_dim) and torch.isfinite(guide.get_transform()(shared)).all()

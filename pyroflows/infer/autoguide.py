@@ -382,6 +382,7 @@ class AutoFlow(AutoContinuous):
             # runs even when Pyro fails to biject a discrete support, so the user
             # sees which site is the problem rather than a support error
             self._refuse_discrete_sites()
+        self._model_args = (args, kwargs)  # the latest call's, for the non-centring layer
         self.noncentred_sites = self._find_noncentrable(args, kwargs) if self.noncentre else []
         loc = self._init_loc().detach()
         for t in self._noncentring(args, kwargs):  # the start, in the flow's (non-centred) coordinates
@@ -626,7 +627,9 @@ class AutoFlow(AutoContinuous):
         return self._modules_in_use()[0].base_distribution()
 
     def get_transform(self, *args, **kwargs):
-        """The composed map base -> unconstrained latent (flow, then the affine layer)."""
+        """The composed map base -> unconstrained latent (flow, then the affine layer; then the
+        non-centring layer, which runs the model: without arguments, with those of the guide's
+        latest call, as ``NeuTraReparam`` asks for it)."""
         return ComposeTransform(self._transforms(args=args, kwargs=kwargs))
 
     def sample_latent(self, *args, **kwargs):
@@ -634,6 +637,7 @@ class AutoFlow(AutoContinuous):
         ``stl=True`` its log-density is the path-derivative one (see :class:`AutoFlow`)."""
         if self._averaged is not None and torch.is_grad_enabled():
             self._update_average()
+        self._model_args = (args, kwargs)
         posterior = self.get_posterior(*args, **kwargs)
         if self.stl and torch.is_grad_enabled():
             posterior = _StickingTheLanding(posterior, lambda theta: self._detached_log_prob(theta, args, kwargs),
@@ -664,6 +668,8 @@ class AutoFlow(AutoContinuous):
         arguments), or nothing."""
         if not self.noncentred_sites:
             return []
+        if not args and not kwargs:  # NeuTraReparam, or summaries called without the data
+            args, kwargs = self._model_args
         return [ModelNonCentring(self, self.noncentred_sites, args, kwargs, self._model_plate_nesting())]
 
     def _model_plate_nesting(self) -> int:
