@@ -199,3 +199,12 @@ def test_neutra_and_summaries_without_the_data_use_the_latest_call():
     mcmc.run(Y)
     shared = mcmc.get_samples()["mu_shared_latent"]
     assert shared.shape == (5, guide.latent_dim) and torch.isfinite(guide.get_transform()(shared)).all()
+
+
+def test_masked_and_expanded_normal_sites_are_recognised():
+    def model():
+        tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+        pyro.sample("a", dist.Normal(0.0, tau).expand([3]).mask(torch.tensor([True, False, True])).to_event(1))
+        pyro.sample("b", dist.Laplace(0.0, tau))  # not normal: left centred
+
+    assert _guide(model).noncentred_sites == ["a"]

@@ -29,6 +29,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Normal as PyroNormal
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.messenger import Messenger
 from torch.distributions import Independent, Normal, biject_to, constraints
 from torch.distributions.transforms import Transform
@@ -39,14 +40,9 @@ __all__ = ["ModelNonCentring", "noncentrable_sites"]
 def _is_normal(fn) -> bool:
     """Whether ``fn`` is a normal distribution once Pyro's wrappers (``to_event``, ``expand``,
     ``mask``) are removed."""
-    while True:
-        if isinstance(fn, (Normal, PyroNormal)):
-            return True
-        inner = getattr(fn, "base_dist", None)
-        if inner is None or not isinstance(fn, (Independent,)) and type(fn).__name__ not in (
-                "ExpandedDistribution", "MaskedDistribution"):
-            return False
-        fn = inner
+    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, (Normal, PyroNormal))
 
 
 class _Done(Exception):
@@ -141,6 +137,8 @@ class ModelNonCentring(Transform):
         self.guide, self.sites = guide, frozenset(sites)
         self.args, self.kwargs = tuple(args), dict(kwargs or {})
         self.plate_nesting = int(plate_nesting)
+        # the model run can stop after this site
+        self._last = [name for name, *_ in _layout(guide) if name in self.sites][-1]
 
     def _run(self, vec: torch.Tensor, inverse: bool):
         r"""Run the model at the latent vector ``vec``; returns the other vector and
@@ -158,8 +156,7 @@ class ModelNonCentring(Transform):
             else:
                 values[name] = to_site(u)
             pieces.append((name, u))
-        last = [name for name, *_ in _layout(self.guide) if name in self.sites][-1]
-        run = _Substitute(values, noise, self.sites, inverse, last)
+        run = _Substitute(values, noise, self.sites, inverse, self._last)
         # the model's own run in SVI validates its distributions; here that would only repeat
         # the checks (a third of this run's cost)
         try:
