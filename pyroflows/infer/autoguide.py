@@ -62,7 +62,7 @@ from ..transforms.base import Bijector
 from ..transforms.elementwise import elementwise
 from ..transforms.linear import Triangular
 from ..transforms.transformers import Affine
-from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics
+from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics, trace_plate_nesting
 from .noncentring import ModelNonCentring, noncentrable_sites
 
 __all__ = ["AutoFlow", "default_flow"]
@@ -383,6 +383,7 @@ class AutoFlow(AutoContinuous):
             # sees which site is the problem rather than a support error
             self._refuse_discrete_sites()
         self._model_args = (args, kwargs)  # the latest call's, for the non-centring layer
+        self._model_nesting = trace_plate_nesting(self.prototype_trace)
         self.noncentred_sites = self._find_noncentrable(args, kwargs) if self.noncentre else []
         loc = self._init_loc().detach()
         for t in self._noncentring(args, kwargs):  # the start, in the flow's (non-centred) coordinates
@@ -673,14 +674,8 @@ class AutoFlow(AutoContinuous):
         return [ModelNonCentring(self, self.noncentred_sites, args, kwargs, self._model_plate_nesting())]
 
     def _model_plate_nesting(self) -> int:
-        """Plate dimensions of the whole model (observed sites too), from the prototype trace
-        (looked up once per trace: the guide asks at every step)."""
-        trace = self.prototype_trace
-        if getattr(self, "_plate_nesting_of", (None,))[0] is not trace:
-            nesting = max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-                           for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None), default=0)
-            self._plate_nesting_of = (trace, nesting)
-        return self._plate_nesting_of[1]
+        """Plate dimensions of the whole model (observed sites too), from the prototype trace."""
+        return self._model_nesting
 
     def _whitening(self) -> list:
         """The fixed map from the whitened coordinates to the latent vector (the Laplace start),

@@ -26,8 +26,8 @@ import numpy as np
 import pyro
 import torch
 
-__all__ = ["ImportanceDiagnostics", "guide_log_weights", "importance_diagnostics", "model_plate_nesting",
-           "psis_khat"]
+__all__ = ["ImportanceDiagnostics", "guide_log_weights", "importance_diagnostics", "model_plate_nesting", "psis_khat",
+           "trace_plate_nesting"]
 
 
 def psis_khat(log_weights) -> float:
@@ -106,6 +106,11 @@ def model_plate_nesting(model, *args, guide=None, **kwargs) -> int:
             guide_trace = pyro.poutine.block(pyro.poutine.trace(guide).get_trace)(*args, **kwargs)
             model = pyro.poutine.replay(model, trace=guide_trace)
         trace = pyro.poutine.block(pyro.poutine.trace(model).get_trace)(*args, **kwargs)
+    return trace_plate_nesting(trace)
+
+
+def trace_plate_nesting(trace) -> int:
+    """Deepest plate nesting of the sample sites (observed ones included) of a Pyro trace."""
     return max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
                 for f in site["cond_indep_stack"] if f.vectorized), default=0)
 

@@ -178,7 +178,6 @@ class ModelNonCentring(Transform):
             else:
                 parts.append(u.reshape(rows + (-1,)))
         out = torch.cat(parts, dim=-1)
-        log_det = log_det + torch.zeros(rows, dtype=vec.dtype, device=vec.device)
         return out.reshape(vec.shape), log_det.reshape(batch)
 
     def _call(self, x):
