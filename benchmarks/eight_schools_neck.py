@@ -91,7 +91,7 @@ class ImportanceWeightedForwardKL(Trace_ELBO):
                     log_w = log_w + sign * site["log_prob"].reshape(n, -1).sum(-1)
         g = self.guide
         latent = guide_trace.nodes[f"_{g._pyro_name}_latent"]["value"].reshape(n, -1)
-        log_q = _FlowDensity(g.flow, g.linear, g.standardise, g._whitening())(latent.detach())
+        log_q = _FlowDensity(g.flow, g.affine, g._noncentring((), {}))(latent.detach())
         forward_kl = -(torch.softmax(log_w.detach(), 0) * log_q).sum()
         elbo = log_w.mean()
         return float(-elbo.detach()), -elbo + self.weight * forward_kl

@@ -60,7 +60,7 @@ def test_svi_trains_every_parameter_and_starts_at_init_loc():
     assert abs(draws["loc"].std() - 0.05) < 0.005
     assert abs(draws["scale"].log().mean() - torch.tensor(2.0).log()) < 0.01
     before = {n: p.detach().clone() for n, p in guide.named_parameters()}
-    assert any(n.startswith("flow.") for n in before) and any(n.startswith("standardise") for n in before)
+    assert any(n.startswith("flow.") for n in before) and any(n.startswith("affine") for n in before)
     losses = fit(guide, steps=20)
     assert all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in guide.named_parameters() if not torch.equal(p, before[n])]
@@ -152,10 +152,10 @@ def test_diagnostics_exact_on_a_conjugate_model():
     post_var = 1.0 / (1.0 + 3.0)
     post_mean = post_var * data.sum()
     with torch.no_grad():  # the affine layer alone carries the exact posterior
-        bound = guide.standardise.transformer.log_scale_bound
+        bound = guide.affine.transformer.log_scale_bound
         log_sd = 0.5 * torch.log(torch.tensor(post_var))
-        guide.standardise.params[:, 0] = post_mean
-        guide.standardise.params[:, 1] = bound * torch.atanh(log_sd / bound)
+        guide.affine.params[:, 0] = post_mean
+        guide.affine.params[:, 1] = bound * torch.atanh(log_sd / bound)
     diag = guide.diagnostics(num_samples=500)
     exact = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + torch.ones(3, 3)).log_prob(data)
     assert diag.ess > 0.99 and diag.khat < 0.5
@@ -163,7 +163,7 @@ def test_diagnostics_exact_on_a_conjugate_model():
     assert diag.reliable
     # a badly placed guide is flagged
     with torch.no_grad():
-        guide.standardise.params[:, 0] = post_mean + 2.0
+        guide.affine.params[:, 0] = post_mean + 2.0
     bad = guide.diagnostics(num_samples=500)
     assert bad.ess < 0.5 and bad.khat > diag.khat
 
@@ -214,7 +214,7 @@ def test_stl_log_prob_matches_the_posterior_and_needs_bijectors():
     guide = AutoFlow(conj_model, small_flow, stl=True)
     guide()
     with torch.no_grad():
-        guide.linear.lower.normal_()  # a non-trivial guide
+        guide.affine.linear_weight.normal_()  # a non-trivial guide
     post = guide.get_posterior()
     theta = post.rsample((5,))
     assert torch.allclose(guide._detached_log_prob(theta), post.log_prob(theta), atol=1e-5)
@@ -232,9 +232,9 @@ def test_stl_gradient_is_zero_at_the_exact_posterior():
         guide = AutoFlow(conj_model, small_flow, stl=stl, laplace=False, tail_adaptive=False)  # can be exact
         guide()
         with torch.no_grad():
-            bound = guide.standardise.transformer.log_scale_bound
-            guide.standardise.params[:, 0] = CONJ_DATA.sum() / 4
-            guide.standardise.params[:, 1] = bound * torch.atanh(0.5 * torch.log(torch.tensor(0.25)) / bound)
+            bound = guide.affine.transformer.log_scale_bound
+            guide.affine.params[:, 0] = CONJ_DATA.sum() / 4
+            guide.affine.params[:, 1] = bound * torch.atanh(0.5 * torch.log(torch.tensor(0.25)) / bound)
         grads[stl] = _elbo_grads(guide, 16)
     assert grads[True].abs().max() < 1e-4
     assert grads[False].abs().max() > 1e-2
@@ -248,7 +248,7 @@ def test_stl_and_standard_estimators_have_the_same_expected_gradient():
         guide = AutoFlow(conj_model, small_flow, stl=stl, init_scale=0.5)
         guide()
         with torch.no_grad():
-            guide.linear.lower.fill_(0.3)
+            guide.affine.linear_weight[:, :-1].fill_(0.3)
             guide.flow.transforms[0].params.normal_(0, 0.3)
         grads[stl] = _elbo_grads(guide, 20000)
     assert torch.allclose(grads[True], grads[False], atol=0.05 * grads[False].abs().max())
@@ -274,13 +274,32 @@ def test_stl_fit_recovers_a_correlated_gaussian_posterior():
 
 
 def test_linear_layer_is_optional_and_part_of_the_transform():
-    guide = AutoFlow(conj_model, small_flow, linear=False)
+    guide = AutoFlow(conj_model, small_flow, linear=False, laplace=False)
     guide()
-    assert guide.linear is None and not any(n.startswith("linear") for n, _ in guide.named_parameters())
-    guide = AutoFlow(conj_model, small_flow)
+    assert guide.affine.linear_weight is None and guide.affine.weight.shape == (2, 2)
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        guide.affine.params.normal_()
+    y, ladj = guide.affine.call_and_ladj(x)
+    scale = guide.affine.params[:, 1].div(12).tanh().mul(12).exp()  # the elementwise affine alone
+    assert torch.allclose(y, guide.affine.params[:, 0] + scale * x, atol=1e-5)
+    assert torch.allclose(ladj, scale.log().sum().expand(5), atol=1e-5)
+    guide = AutoFlow(conj_model, small_flow, laplace=False)  # no whitening: the two layers alone
     guide()
-    assert isinstance(guide.linear, pyroflows.transforms.linear.Triangular)
-    assert guide.linear in guide.get_transform().parts
+    assert guide.affine.linear_weight.shape == (2, 3)
+    assert guide.affine in guide.get_transform().parts
+    # the triangular map, then the elementwise affine: the two layers' composition, exactly
+    with torch.no_grad():
+        guide.affine.weight.normal_(0, 0.3)
+    tri = pyroflows.transforms.linear.Triangular(2)
+    ew = pyroflows.transforms.elementwise(2, kind=guide.affine.transformer)
+    with torch.no_grad():
+        tri.weight.copy_(guide.affine.linear_weight)
+        ew.params.copy_(guide.affine.params)
+    y, ladj = guide.affine.call_and_ladj(x)
+    u, l1 = tri.call_and_ladj(x)
+    z, l2 = ew.call_and_ladj(u)
+    assert torch.allclose(y, z, atol=1e-6) and torch.allclose(ladj, l1 + l2, atol=1e-6)
 
 
 # --- robustness on real posteriors (issue 16) ----------------------------------------------
@@ -407,17 +426,17 @@ def test_iterate_average_is_what_no_grad_draws_use():
     with torch.no_grad():
         guide()  # set up without folding anything into the average
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    seen = [guide.standardise.params.detach().clone()]
+    seen = [guide.affine.params.detach().clone()]
     for _ in range(5):
         svi.step()
-        seen.append(guide.standardise.params.detach().clone())
+        seen.append(guide.affine.params.detach().clone())
     assert guide.num_averaged == 5
-    averaged = guide._averaged[2]
+    averaged = guide._averaged[1]
     assert torch.allclose(averaged.params, torch.stack(seen[:5]).mean(0), atol=1e-6)
     assert not torch.allclose(averaged.params, seen[-1])
-    assert guide._modules_in_use()[2] is guide.standardise
+    assert guide._modules_in_use()[1] is guide.affine
     with torch.no_grad():
-        assert guide._modules_in_use()[2] is averaged
+        assert guide._modules_in_use()[1] is averaged
         pyro.set_rng_seed(1)
         from_average = guide.get_posterior().sample((10,))
     pyro.set_rng_seed(1)

@@ -18,7 +18,10 @@ mean-field guide :math:`\mathcal N(\mu, \sigma^2)` (what
 :class:`~pyro.infer.autoguide.AutoNormal` would be), and the flow only has to
 learn the *shape* of the posterior.  The default flow is a 3-layer affine IAF
 (:func:`default_flow`); with ``laplace=True`` (default) it starts at the Laplace Gaussian
-in whitened coordinates instead (see :class:`AutoFlow`).  The base :math:`p_0` is a
+in whitened coordinates instead (see :class:`AutoFlow`).  The linear layer, the affine layer and the
+Laplace whitening are one layer over one parameter tensor, ``guide.affine``
+(:class:`~pyroflows.infer.guide_affine.GuideAffine`): in the many small steps of SVI the
+cost is per layer and per tensor.  The base :math:`p_0` is a
 Student-t per coordinate with learned degrees of freedom (starting at
 ``TAIL_DF_START`` = 5; ``tail_adaptive=False`` gives the standard normal), so the
 guide's tails are polynomial, which keeps importance weights bounded far out.
@@ -50,7 +53,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
-from pyro.distributions.transforms import LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro import poutine
@@ -59,9 +61,8 @@ from torch.distributions.transforms import ComposeTransform
 
 from ..flow import Flow, StandardNormal, StudentTBase
 from ..transforms.base import Bijector
-from ..transforms.elementwise import elementwise
-from ..transforms.linear import Triangular
 from ..transforms.transformers import Affine
+from .guide_affine import GuideAffine
 from .diagnostics import ImportanceDiagnostics, guide_log_weights, importance_diagnostics, trace_plate_nesting
 from .noncentring import ModelNonCentring, noncentrable_sites
 
@@ -104,24 +105,20 @@ class _FlowDensity(torch.nn.Module):
     """``log q(theta)`` of the guide recomputed from scratch (layer inverses, no cache), so that
     :func:`torch.func.functional_call` can evaluate it with detached parameters."""
 
-    def __init__(self, flow: Flow, linear, standardise, whitening=()):
+    def __init__(self, flow: Flow, affine, outer=()):
         super().__init__()
         self.flow = flow
-        self.linear = linear
-        self.standardise = standardise
-        self.whitening = list(whitening)  # fixed (buffers), no parameters
+        self.affine = affine
+        self.outer = list(outer)  # fixed maps after the affine stage (non-centring), no parameters
 
     def forward(self, theta):
-        whiten_ladj = 0.0
-        for t in reversed(self.whitening):
+        outer_ladj = 0.0
+        for t in reversed(self.outer):
             v = t.inv(theta)
-            whiten_ladj = whiten_ladj + t.log_abs_det_jacobian(v, theta)
+            outer_ladj = outer_ladj + t.log_abs_det_jacobian(v, theta)
             theta = v
-        u, ladj = self.standardise.inverse_and_ladj(theta, cache=False)
-        ladj = ladj + whiten_ladj
-        if self.linear is not None:
-            u, l_linear = self.linear.inverse_and_ladj(u, cache=False)
-            ladj = ladj + l_linear
+        u, ladj = self.affine.inverse_and_ladj(theta, cache=False)
+        ladj = ladj + outer_ladj
         return self.flow.log_prob(u, cache=False) - ladj
 
 
@@ -366,7 +363,7 @@ class AutoFlow(AutoContinuous):
         self.tail_adaptive = None if tail_adaptive is None else bool(tail_adaptive)
         self.noncentre = bool(noncentre)
         self.noncentred_sites = []  # set at the first call
-        self._averaged = None  # (flow, linear, standardise) copies holding the iterate average
+        self._averaged = None  # (flow, affine) copies holding the iterate average
         self.num_averaged = 0
         self.start = None  # "laplace" or "init_loc", set at the first call
         self.num_stl_fallbacks = 0
@@ -395,10 +392,9 @@ class AutoFlow(AutoContinuous):
                              f"its own base ({type(flow.base).__name__}); leave tail_adaptive at None")
         if self.tail_adaptive is not False and not own_base:
             flow.base = StudentTBase(self.latent_dim, df=self.tail_df)
-        affine = elementwise(self.latent_dim, kind=Affine(SCALE_BOUND))
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
-        self.linear = Triangular(self.latent_dim).to(dtype=loc.dtype, device=loc.device) if self._use_linear else None
-        self.standardise = affine.to(dtype=loc.dtype, device=loc.device)
+        self.affine = GuideAffine(self.latent_dim, linear=self._use_linear, scale_bound=SCALE_BOUND).to(
+            dtype=loc.dtype, device=loc.device)
         scale = torch.full_like(loc, self._init_scale)
         self.start = "init_loc"
         self.whiten_loc = self.whiten_tril = None
@@ -406,17 +402,18 @@ class AutoFlow(AutoContinuous):
         if start is None:
             self._set_affine(loc, scale)
         else:
-            # theta = mode + C (standardise(linear(flow(z)))): every trained layer starts at the
+            # theta = mode + C affine(flow(z)): every trained layer starts at the
             # identity in the Laplace-whitened coordinates, where the posterior has sds ~1 and no
             # correlation, so an optimizer step of size lr moves q by ~lr posterior sds whatever
             # the scales and correlations of the raw coordinates
             self.whiten_loc, self.whiten_tril = start
+            self.affine.set_whitening(*start)
             self._set_affine(torch.zeros_like(loc), torch.ones_like(loc))
             self.start = "laplace"
         if self.average is not None:  # copied before the hooks: the average has no gradients
-            self._averaged = tuple(copy.deepcopy(m) for m in (self.flow, self.linear, self.standardise))
+            self._averaged = tuple(copy.deepcopy(m) for m in (self.flow, self.affine))
             for m in self._averaged:
-                for q in ([] if m is None else m.parameters()):
+                for q in m.parameters():
                     q.requires_grad_(False)
         for param in self.parameters():
             param.register_hook(self._finite_grad)
@@ -443,8 +440,8 @@ class AutoFlow(AutoContinuous):
         base = self.flow.base
         if isinstance(base, StudentTBase):
             scale = scale / base().stddev.detach().to(scale)
-        params = self.standardise.transformer.params_for(loc, scale.log())
-        self.standardise.params.copy_(params.to(self.standardise.params.dtype))
+        params = self.affine.transformer.params_for(loc, scale.log())
+        self.affine.params.copy_(params.to(self.affine.params.dtype))
 
     def _finite_grad(self, grad):
         """Gradient hook: a non-finite gradient entry (a NaN/inf loss, e.g. a draw far in a
@@ -470,17 +467,16 @@ class AutoFlow(AutoContinuous):
         an exponential moving average with that time constant)."""
         self.num_averaged += 1
         w = max(1.0 / self.num_averaged, 1.0 - self.average)
-        for avg, live in zip(self._averaged, (self.flow, self.linear, self.standardise)):
-            if live is not None:
-                for a, p in zip(avg.parameters(), live.parameters()):
-                    a.lerp_(p.detach(), w)
+        for avg, live in zip(self._averaged, (self.flow, self.affine)):
+            for a, p in zip(avg.parameters(), live.parameters()):
+                a.lerp_(p.detach(), w)
 
     def _modules_in_use(self):
-        """``(flow, linear, standardise)``: the trained ones while gradients are on (SVI), the
-        iterate average under ``torch.no_grad`` (Predictive, the summaries, diagnostics)."""
+        """``(flow, affine)``: the trained ones while gradients are on (SVI), the iterate
+        average under ``torch.no_grad`` (Predictive, the summaries, diagnostics)."""
         if self._averaged is not None and self.num_averaged > 0 and not torch.is_grad_enabled():
             return self._averaged
-        return self.flow, self.linear, self.standardise
+        return self.flow, self.affine
 
     def _stl_fallback(self, gap: float):
         self.num_stl_fallbacks += 1
@@ -646,8 +642,7 @@ class AutoFlow(AutoContinuous):
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
 
     def _detached_log_prob(self, theta, args=(), kwargs=None):
-        density = _FlowDensity(self.flow, self.linear, self.standardise,
-                               self._whitening() + self._noncentring(args, kwargs or {}))
+        density = _FlowDensity(self.flow, self.affine, self._noncentring(args, kwargs or {}))
         params = {name: p.detach() for name, p in density.named_parameters()}
         return torch.func.functional_call(density, params, (theta,))
 
@@ -659,9 +654,8 @@ class AutoFlow(AutoContinuous):
         return dist.TransformedDistribution(modules[0].base_distribution(), self._transforms(modules, args, kwargs))
 
     def _transforms(self, modules=None, args=(), kwargs=None):
-        flow, linear, standardise = self._modules_in_use() if modules is None else modules
-        outer = [] if linear is None else [linear]
-        return [flow.transform()] + outer + [standardise] + self._whitening() + self._noncentring(args, kwargs or {})
+        flow, affine = self._modules_in_use() if modules is None else modules
+        return [flow.transform(), affine] + self._noncentring(args, kwargs or {})
 
     def _noncentring(self, args, kwargs) -> list:
         """The fixed map from the flow's non-centred coordinates to the latent vector
@@ -676,13 +670,6 @@ class AutoFlow(AutoContinuous):
     def _model_plate_nesting(self) -> int:
         """Plate dimensions of the whole model (observed sites too), from the prototype trace."""
         return self._model_nesting
-
-    def _whitening(self) -> list:
-        """The fixed map from the whitened coordinates to the latent vector (the Laplace start),
-        or nothing."""
-        if self.whiten_loc is None:
-            return []
-        return [LowerCholeskyAffine(self.whiten_loc, self.whiten_tril, cache_size=1)]
 
     # -- summaries ----------------------------------------------------------------
     @torch.no_grad()

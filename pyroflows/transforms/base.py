@@ -78,18 +78,27 @@ def _invalidate_on_backward(entry: _Pass, tensors) -> None:
     After ``backward`` (without ``retain_graph``) the graph behind a cached
     tensor is freed, so handing it out again would make the next ``backward``
     fail.  A weak reference keeps the hook from extending the entry's life.
+    The hook sits on each tensor's autograd node, once per distinct node (a
+    node pre-hook costs about half a tensor hook, and a pass's output is often
+    the next layer's input); a leaf has no node, so it gets a tensor hook.
     """
     ref = weakref.ref(entry)
 
-    def hook(grad):
+    def hook(*_):
         e = ref()
         if e is not None:
             e.valid = False
-        return grad
 
+    nodes = []
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
+        if not (isinstance(t, torch.Tensor) and t.requires_grad):
+            continue
+        node = t.grad_fn
+        if node is None:
             t.register_hook(hook)
+        elif not any(node is n for n in nodes):
+            nodes.append(node)
+            node.register_prehook(hook)
 
 
 class CachedPasses:
