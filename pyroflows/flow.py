@@ -15,6 +15,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransform
+from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 from torch.distributions.utils import _standard_normal, _sum_rightmost
@@ -22,7 +23,7 @@ from torch.distributions.utils import _standard_normal, _sum_rightmost
 from .transforms.compose import ComposedModule
 from .transforms.memory import check_memory_saving, memory_saving_log_prob
 
-__all__ = ["Flow", "StandardNormal", "StandardUniform", "StudentTBase"]
+__all__ = ["Flow", "StandardNormal", "StandardUniform", "StudentTBase", "TailMixtureBase"]
 
 
 class StandardNormal(nn.Module):
@@ -115,6 +116,105 @@ class StudentTBase(nn.Module):
         with pyro.validation_enabled(False):
             base = _StandardStudentT(self.df, self.loc, self.scale)
         return base.to_event(self.loc.dim())
+
+
+class _TailMixture(TorchDistribution):
+    """The density of :class:`TailMixtureBase` (standard location and scale)."""
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, df: torch.Tensor, joint_df: torch.Tensor, weight: float):
+        self.df, self.joint_df, self.weight = df, joint_df, weight
+        super().__init__(torch.Size(), df.shape, validate_args=False)
+
+    def rsample(self, sample_shape=()):
+        shape = torch.Size(sample_shape) + self.event_shape
+        rows = shape[:-1] + (1,)
+        kw = {"dtype": self.df.dtype, "device": self.df.device}
+        normal = _standard_normal(shape, **kw)
+        # chi^2_nu / nu = 2 Gamma(nu / 2) / nu: per coordinate, and one per draw for the joint part
+        gamma = torch._standard_gamma((0.5 * self.df).expand(shape)).clamp_min(torch.finfo(normal.dtype).tiny)
+        joint = torch._standard_gamma((0.5 * self.joint_df).expand(rows)).clamp_min(torch.finfo(normal.dtype).tiny)
+        joint_part = torch.rand(rows, **kw) < self.weight
+        scale = torch.where(joint_part, torch.rsqrt(2.0 * joint / self.joint_df), torch.rsqrt(2.0 * gamma / self.df))
+        return normal * scale
+
+    def log_prob(self, z):
+        df, nu, d = self.df, self.joint_df, z.shape[-1]
+        square = z.square()
+        product = (torch.lgamma(0.5 * (df + 1.0)) - torch.lgamma(0.5 * df) - 0.5 * torch.log(math.pi * df)
+                   - 0.5 * (df + 1.0) * torch.log1p(square / df)).sum(-1)
+        joint = (torch.lgamma(0.5 * (nu + d)) - torch.lgamma(0.5 * nu) - 0.5 * d * torch.log(math.pi * nu)
+                 - 0.5 * (nu + d) * torch.log1p(square.sum(-1) / nu))
+        return torch.logaddexp(math.log(self.weight) + joint, math.log1p(-self.weight) + product)
+
+    @property
+    def mean(self):
+        return torch.zeros_like(self.df)
+
+    @property
+    def variance(self):
+        nu, df = self.joint_df, self.df
+        return self.weight * nu / (nu - 2.0) + (1.0 - self.weight) * df / (df - 2.0)
+
+
+class TailMixtureBase(nn.Module):
+    r"""A tail-adaptive base heavy in every direction: an equal mixture of independent
+    Student-t coordinates (one learned degrees of freedom each) and a multivariate
+    (elliptical) Student-t (one learned degrees of freedom),
+
+    .. math::
+
+        p_0(z) = \tfrac12 \prod_d t_{\nu_d}(z_d) + \tfrac12\, t_{\nu_0, D}(z), \qquad
+        t_{\nu, D}(z) = \frac{\Gamma(\frac{\nu + D}{2})}{\Gamma(\frac{\nu}{2})
+        (\nu\pi)^{D/2}} \left(1 + \frac{\|z\|^2}{\nu}\right)^{-\frac{\nu + D}{2}}.
+
+    Each part alone misses some tails: along an axis the product decays like
+    :math:`|z|^{-(\nu_d + 1)}` and the elliptical part like :math:`|z|^{-(\nu_0 + D)}`,
+    while along a diagonal the product decays like :math:`|z|^{-\sum_d (\nu_d + 1)}`,
+    far faster than the elliptical part.  The mixture has the heavier of the two in every
+    direction, so ``p / q`` stays bounded for a posterior with independent heavy-tailed
+    coordinates and for one with joint (elliptical) heavy tails.  (Tail-adaptive flows:
+    Laszkiewicz, Lederer & Fischer, "Marginal tail-adaptive normalizing flows", ICML 2022;
+    why the base must carry the tails: Jaini et al., "Tails of Lipschitz triangular
+    flows", ICML 2020.)
+
+    ``rsample`` is reparametrised in every degree of freedom (the Gamma draws have
+    implicit gradients); the part each draw comes from is chosen with the fixed weight
+    :math:`\frac12`, which leaves the pathwise gradient unbiased.
+
+    Args:
+        event_shape: ``(D,)``.
+        df: the starting degrees of freedom of both parts (default 5).
+        min_df: the lower bound of every degree of freedom (default 2: finite variances).
+    """
+
+    def __init__(self, event_shape, df: float = 5.0, min_df: float = 2.0):
+        super().__init__()
+        if not df > min_df > 0:
+            raise ValueError(f"need df > min_df > 0, got df={df}, min_df={min_df}")
+        self.min_df = float(min_df)
+        self.register_buffer("loc", torch.zeros(event_shape))
+        if self.loc.dim() != 1:
+            raise ValueError(f"TailMixtureBase needs a vector event shape (D,), got {tuple(self.loc.shape)}")
+        raw = math.log(df - min_df)
+        self.raw_df = nn.Parameter(torch.full_like(self.loc, raw))
+        self.raw_joint_df = nn.Parameter(torch.tensor(raw))
+
+    @property
+    def df(self) -> torch.Tensor:
+        r""":math:`\nu_d`, the product part's degrees of freedom, one per coordinate."""
+        return self.min_df + self.raw_df.exp()
+
+    @property
+    def joint_df(self) -> torch.Tensor:
+        r""":math:`\nu_0`, the elliptical part's degrees of freedom."""
+        return self.min_df + self.raw_joint_df.exp()
+
+    def forward(self):
+        return _TailMixture(self.df, self.joint_df, 0.5)
 
 
 class FixedBase(nn.Module):

@@ -107,13 +107,13 @@ def nsf(input_dim: int, *, num_layers: int = 4, hidden_dims: Sequence[int] = (64
 
 
 def _autoregressive_flow(cls, conditional_cls, input_dim, kind, num_layers, hidden_dims, context_dim, count_bins,
-                         bound):
+                         bound, input_bound=None):
     _check(input_dim, num_layers)
     layers = []
     for i in range(num_layers):
         transformer = make_transformer(kind, count_bins, bound)
         made = MADE(input_dim, transformer.num_params, hidden_dims, context_dim=context_dim,
-                    permutation="natural" if i % 2 == 0 else "reverse")
+                    permutation="natural" if i % 2 == 0 else "reverse", input_bound=input_bound)
         layers.append(cls(transformer, made) if context_dim is None else conditional_cls(transformer, made))
     return Flow(layers)
 
@@ -129,12 +129,13 @@ def maf(input_dim: int, *, num_layers: int = 5, hidden_dims: Sequence[int] = (64
 
 def iaf(input_dim: int, *, num_layers: int = 5, hidden_dims: Sequence[int] = (64, 64),
         context_dim: int | None = None, kind: str | Transformer = "affine", count_bins: int = 8,
-        bound: float = 5.0) -> Flow:
+        bound: float = 5.0, input_bound: float | None = None) -> Flow:
     """Inverse autoregressive flow (Kingma et al., 2016): sampling (and ``log_prob`` of
     its own samples) is one MADE pass per layer; scoring new data is sequential.
-    The natural choice for variational posteriors (SVI guides)."""
+    The natural choice for variational posteriors (SVI guides).  ``input_bound``: see
+    :class:`~pyroflows.nn.MADE` (conditioners that keep a heavy-tailed base's tails)."""
     return _autoregressive_flow(InverseAutoregressive, ConditionalInverseAutoregressive, input_dim, kind,
-                                num_layers, hidden_dims, context_dim, count_bins, bound)
+                                num_layers, hidden_dims, context_dim, count_bins, bound, input_bound)
 
 
 # ----------------------------------------------------------------------------

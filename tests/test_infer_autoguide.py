@@ -492,6 +492,27 @@ def test_tail_adaptive_guide_has_a_student_t_base_and_trains():
         AutoFlow(model, small_flow, tail_df=2.0)
 
 
+def test_mixture_tail_base_is_an_option():
+    """tail_adaptive="mixture": the TailMixtureBase (both parts from TAIL_DF_START), trained with
+    the guide; the guide still starts at init_scale (the mixture's sd is divided out)."""
+    from pyroflows import TailMixtureBase
+
+    guide = AutoFlow(model, small_flow, tail_adaptive="mixture", laplace=False, init_scale=0.05)
+    guide()
+    assert isinstance(guide.flow.base, TailMixtureBase)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = guide.get_posterior().sample((40000,))
+    assert torch.allclose(draws.std(0), torch.full((2,), 0.05), rtol=0.1)
+    losses = fit(guide, mdl=model, steps=20, lr=1e-2)
+    assert all(math.isfinite(x) for x in losses) and float(guide.flow.base.joint_df) != 5.0
+    bounded = AutoFlow(model, tail_adaptive="mixture", input_bound=5.0)
+    bounded()
+    assert all(layer.made.input_bound == 5.0 for layer in bounded.flow.transforms)
+    with pytest.raises(ValueError, match="tail_adaptive"):
+        AutoFlow(model, tail_adaptive="elliptical")
+
+
 def test_tail_adaptive_default_keeps_a_flows_own_base_and_true_refuses_it():
     """The default replaces only a standard-normal base: a flow built with its own base keeps
     it; tail_adaptive=True with such a flow is refused with the reason."""

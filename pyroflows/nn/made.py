@@ -136,12 +136,23 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         seed: seed of a ``"random"`` permutation.
         activation: ``nn.Module`` class (default ``nn.ReLU``).
         zero_init: start the output layer at zero.
+        input_bound: read each input :math:`x` as :math:`b \tanh(x / b)` with :math:`b` =
+            ``input_bound`` (default ``None``: as it is).  The outputs are then bounded
+            functions of the inputs, so an autoregressive affine layer is asymptotically
+            linear far out: a Lipschitz triangular map, which keeps the tail index of its
+            input (Jaini et al., "Tails of Lipschitz triangular flows", ICML 2020), where
+            an unbounded conditioner can scale a far draw by up to :math:`e^{s_{\max}}` per
+            layer and send a heavy-tailed base's draws to :math:`10^7` and beyond.
     """
 
     def __init__(self, input_dim: int, num_params: int, hidden: Sequence[int] = (64, 64),
                  context_dim: int | None = None, permutation=None, seed: int | None = None,
-                 activation: type[nn.Module] = nn.ReLU, zero_init: bool = True):
+                 activation: type[nn.Module] = nn.ReLU, zero_init: bool = True,
+                 input_bound: float | None = None):
         super().__init__()
+        if input_bound is not None and not input_bound > 0:
+            raise ValueError(f"input_bound must be positive (or None), got {input_bound}")
+        self.input_bound = None if input_bound is None else float(input_bound)
         if not hidden:
             raise ValueError("MADE needs at least one hidden layer")
         self.input_dim, self.num_params = int(input_dim), int(num_params)
@@ -214,7 +225,7 @@ class MADE(_ReusesMaskedProduct, nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Parameters of shape ``(*batch, D, P)``; row ``d`` depends on ``x[..., <d]`` in the ordering."""
         ((w, b), *rest), context_weight = self.layers()
-        h = F.linear(x, w, b)
+        h = F.linear(self._bounded(x), w, b)
         if context_weight is not None:
             if context is None:
                 raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
@@ -222,6 +233,11 @@ class MADE(_ReusesMaskedProduct, nn.Module):
         for w, b in rest:
             h = F.linear(self.activation(h), w, b)
         return h.unflatten(-1, (self.input_dim, self.num_params))
+
+    def _bounded(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs as the first layer reads them (see ``input_bound``)."""
+        b = self.input_bound
+        return x if b is None else b * torch.tanh(x / b)
 
     @torch.no_grad()
     def solve(self, step, batch_shape, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,9 +276,10 @@ class MADE(_ReusesMaskedProduct, nn.Module):
             raise ValueError(f"this MADE needs a context of shape (..., {self.context_dim})")
         kw, n, dims = {"dtype": ref.dtype, "device": ref.device}, math.prod(batch_shape), order.tolist()
         u = torch.zeros(*batch_shape, D, **kw)  # inputs in degree order
+        u_read = u if self.input_bound is None else torch.zeros_like(u)  # as the first layer reads them
         acts = [torch.zeros(*batch_shape, w.shape[0], **kw) for w, _ in hidden]
         for j in range(D):
-            prev, n_prev = u, j  # inputs of degree <= j
+            prev, n_prev = u_read, j  # inputs of degree <= j
             for layer, ((w, b), count, a) in enumerate(zip(hidden, counts, acts)):
                 lo, hi = (count[j - 1] if j else 0), count[j]
                 if hi > lo:
@@ -276,6 +293,8 @@ class MADE(_ReusesMaskedProduct, nn.Module):
             params = torch.addmm(b_out[d], prev[..., :n_prev].reshape(n, n_prev),
                                  w_out[d, :, :n_prev].t()).view(*batch_shape, P)
             u[..., j] = step(d, params)
+            if u_read is not u:
+                u_read[..., j] = self._bounded(u[..., j])
         return u[..., torch.argsort(order)]
 
     def extra_repr(self):
