@@ -145,6 +145,8 @@ class MADE(_ReusesMaskedProduct, nn.Module):
             layer and send a heavy-tailed base's draws to :math:`10^7` and beyond.
     """
 
+    input_bound: float | None = None  # also what a MADE pickled before the option reads
+
     def __init__(self, input_dim: int, num_params: int, hidden: Sequence[int] = (64, 64),
                  context_dim: int | None = None, permutation=None, seed: int | None = None,
                  activation: type[nn.Module] = nn.ReLU, zero_init: bool = True,

@@ -79,8 +79,8 @@ def _invalidate_on_backward(entry: _Pass, tensors) -> None:
     tensor is freed, so handing it out again would make the next ``backward``
     fail.  A weak reference keeps the hook from extending the entry's life.
     The hook sits on each tensor's autograd node, once per distinct node (a
-    node pre-hook costs about half a tensor hook, and a pass's output is often
-    the next layer's input); a leaf has no node, so it gets a tensor hook.
+    node pre-hook costs about half a tensor hook in an SVI step); a leaf has
+    no node, so it gets a tensor hook.
     """
     ref = weakref.ref(entry)
 
