@@ -47,6 +47,17 @@ class StandardUniform(StandardNormal):
         return dist.Uniform(self.loc, self.loc + self.scale).to_event(self.loc.dim())
 
 
+def _t_log_density(square_norm: torch.Tensor, df: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    r"""Log-density of a standard multivariate Student-t in ``dim`` dimensions at a point of
+    squared norm ``square_norm``:
+    :math:`\log\Gamma(\frac{\nu + k}{2}) - \log\Gamma(\frac{\nu}{2}) - \frac k2 \log(\nu\pi)
+    - \frac{\nu + k}{2} \log(1 + r^2 / \nu)` (``dim`` = 1: the univariate t, in the order of
+    torch's ``StudentT.log_prob``, so the values are the same to the last bit)."""
+    log_norm = (0.5 * dim * df.log() + 0.5 * dim * math.log(math.pi) + torch.lgamma(0.5 * df)
+                - torch.lgamma(0.5 * (df + dim)))
+    return -0.5 * (df + dim) * torch.log1p(square_norm / df) - log_norm
+
+
 class _StandardStudentT(dist.StudentT):
     """Pyro's ``StudentT`` at location 0 and scale 1, with the location and scale arithmetic
     left out of ``rsample`` and ``log_prob``: the same values (the same draws from the same
@@ -61,10 +72,7 @@ class _StandardStudentT(dist.StudentT):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        df = self.df
-        log_norm = (0.5 * df.log() + 0.5 * math.log(math.pi) + torch.lgamma(0.5 * df)
-                    - torch.lgamma(0.5 * (df + 1.0)))
-        return -0.5 * (df + 1.0) * torch.log1p(value.square() / df) - log_norm
+        return _t_log_density(value.square(), self.df)
 
 
 class StudentTBase(nn.Module):
@@ -142,12 +150,9 @@ class _TailMixture(TorchDistribution):
         return normal * scale
 
     def log_prob(self, z):
-        df, nu, d = self.df, self.joint_df, z.shape[-1]
         square = z.square()
-        product = (torch.lgamma(0.5 * (df + 1.0)) - torch.lgamma(0.5 * df) - 0.5 * torch.log(math.pi * df)
-                   - 0.5 * (df + 1.0) * torch.log1p(square / df)).sum(-1)
-        joint = (torch.lgamma(0.5 * (nu + d)) - torch.lgamma(0.5 * nu) - 0.5 * d * torch.log(math.pi * nu)
-                 - 0.5 * (nu + d) * torch.log1p(square.sum(-1) / nu))
+        product = _t_log_density(square, self.df).sum(-1)
+        joint = _t_log_density(square.sum(-1), self.joint_df, z.shape[-1])
         return torch.logaddexp(math.log(self.weight) + joint, math.log1p(-self.weight) + product)
 
     @property
@@ -160,10 +165,10 @@ class _TailMixture(TorchDistribution):
         return self.weight * nu / (nu - 2.0) + (1.0 - self.weight) * df / (df - 2.0)
 
 
-class TailMixtureBase(nn.Module):
-    r"""A tail-adaptive base heavy in every direction: an equal mixture of independent
-    Student-t coordinates (one learned degrees of freedom each) and a multivariate
-    (elliptical) Student-t (one learned degrees of freedom),
+class TailMixtureBase(StudentTBase):
+    r"""A tail-adaptive base heavy in every direction: :class:`StudentTBase`'s independent
+    Student-t coordinates (one learned degrees of freedom each) in an equal mixture with a
+    multivariate (elliptical) Student-t (one learned degrees of freedom),
 
     .. math::
 
@@ -192,21 +197,10 @@ class TailMixtureBase(nn.Module):
     """
 
     def __init__(self, event_shape, df: float = 5.0, min_df: float = 2.0):
-        super().__init__()
-        if not df > min_df > 0:
-            raise ValueError(f"need df > min_df > 0, got df={df}, min_df={min_df}")
-        self.min_df = float(min_df)
-        self.register_buffer("loc", torch.zeros(event_shape))
+        super().__init__(event_shape, df=df, min_df=min_df)
         if self.loc.dim() != 1:
             raise ValueError(f"TailMixtureBase needs a vector event shape (D,), got {tuple(self.loc.shape)}")
-        raw = math.log(df - min_df)
-        self.raw_df = nn.Parameter(torch.full_like(self.loc, raw))
-        self.raw_joint_df = nn.Parameter(torch.tensor(raw))
-
-    @property
-    def df(self) -> torch.Tensor:
-        r""":math:`\nu_d`, the product part's degrees of freedom, one per coordinate."""
-        return self.min_df + self.raw_df.exp()
+        self.raw_joint_df = nn.Parameter(torch.tensor(math.log(df - min_df)))
 
     @property
     def joint_df(self) -> torch.Tensor:

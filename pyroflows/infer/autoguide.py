@@ -454,7 +454,7 @@ class AutoFlow(AutoContinuous):
         ``s0`` (:math:`\sqrt{\nu / (\nu - 2)}` for the Student-t base, 1 for the normal one;
         scales clamped to the layer's bound)."""
         base = self.flow.base
-        if isinstance(base, (StudentTBase, TailMixtureBase)):
+        if isinstance(base, StudentTBase):  # TailMixtureBase included
             scale = scale / base().stddev.detach().to(scale)
         params = self.affine.transformer.params_for(loc, scale.log())
         self.affine.params.copy_(params.to(self.affine.params.dtype))

@@ -29,14 +29,15 @@ from torch.nn import functional as F
 
 from ..transforms.base import Bijector
 from ..transforms.elementwise import check_input_dim
-from ..transforms.linear import triangular_forward, triangular_inverse
+from ..transforms.linear import _rows, triangular_forward, triangular_inverse
 from ..transforms.transformers import Affine
 
 __all__ = ["GuideAffine"]
 
 
 class GuideAffine(Bijector):
-    r""":math:`y = t + e^{\sigma} \odot (L x + b)` (see the module docstring for the math).
+    r""":math:`y = w + W (t + e^{\sigma} \odot (L x + b))`, the whitening :math:`(w, W)` once
+    :meth:`set_whitening` has set it (see the module docstring for the math).
 
     Args:
         input_dim: :math:`D`.
@@ -106,7 +107,7 @@ class GuideAffine(Bijector):
     def _inverse_and_ladj(self, y):
         ladj = 0.0
         if self.whiten_tril is not None:
-            rows = (y - self.whiten_loc).reshape(-1, y.shape[-1])
+            rows = _rows(y - self.whiten_loc)
             y = torch.linalg.solve_triangular(self.whiten_tril.T, rows, upper=True, left=False).reshape(y.shape)
             ladj = self.whiten_ladj
         x, log_scale = self.transformer.inverse(y, self.params)
