@@ -75,6 +75,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--problems", nargs="*", default=list(PROBLEMS))
+    p.add_argument("--methods", nargs="*", default=None, help="only these guides (e.g. AutoFlow)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for problem in args.problems:
@@ -82,6 +83,8 @@ def main(argv=None):
         ref_mean, ref_sd = moments()
         guides = standard_guides(model)
         guides["AutoFlow (Gaussian base)"] = lambda model=model: AutoFlow(model, tail_adaptive=False)
+        if args.methods is not None:
+            guides = {name: make for name, make in guides.items() if name in args.methods}
         for seed in args.seeds:
             rows = []
             for name, make in guides.items():

@@ -47,12 +47,13 @@ class StandardUniform(StandardNormal):
         return dist.Uniform(self.loc, self.loc + self.scale).to_event(self.loc.dim())
 
 
-def _t_log_density(square_norm: torch.Tensor, df: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def _t_log_density(square_norm: torch.Tensor, df: torch.Tensor, dim: int | torch.Tensor = 1) -> torch.Tensor:
     r"""Log-density of a standard multivariate Student-t in ``dim`` dimensions at a point of
     squared norm ``square_norm``:
     :math:`\log\Gamma(\frac{\nu + k}{2}) - \log\Gamma(\frac{\nu}{2}) - \frac k2 \log(\nu\pi)
     - \frac{\nu + k}{2} \log(1 + r^2 / \nu)` (``dim`` = 1: the univariate t, in the order of
-    torch's ``StudentT.log_prob``, so the values are the same to the last bit)."""
+    torch's ``StudentT.log_prob``, so the values are the same to the last bit; a tensor ``dim``
+    gives each entry of the last axis its own dimension and degrees of freedom)."""
     log_norm = (0.5 * dim * df.log() + 0.5 * dim * math.log(math.pi) + torch.lgamma(0.5 * df)
                 - torch.lgamma(0.5 * (df + dim)))
     return -0.5 * (df + dim) * torch.log1p(square_norm / df) - log_norm
@@ -127,33 +128,46 @@ class StudentTBase(nn.Module):
 
 
 class _TailMixture(TorchDistribution):
-    """The density of :class:`TailMixtureBase` (standard location and scale)."""
+    """The density of :class:`TailMixtureBase` (standard location and scale), from one tensor of
+    ``D + 1`` degrees of freedom: the coordinates' and, last, the elliptical part's.  Both parts
+    are computed together, over the ``D`` squared coordinates and their sum, so the mixture costs
+    a handful of tensor operations more than the product part alone."""
 
     arg_constraints = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, df: torch.Tensor, joint_df: torch.Tensor, weight: float):
-        self.df, self.joint_df, self.weight = df, joint_df, weight
-        super().__init__(torch.Size(), df.shape, validate_args=False)
+    def __init__(self, dfs: torch.Tensor, dims: torch.Tensor, joint_weight: float = 0.5):
+        self.dfs, self.dims = dfs, dims  # dims: 1 for each coordinate, D for the elliptical part
+        self.joint_weight = joint_weight
+        super().__init__(torch.Size(), dfs.shape[:-1] + (dfs.shape[-1] - 1,), validate_args=False)
+
+    @property
+    def df(self) -> torch.Tensor:
+        return self.dfs[:-1]
+
+    @property
+    def joint_df(self) -> torch.Tensor:
+        return self.dfs[-1]
 
     def rsample(self, sample_shape=()):
         shape = torch.Size(sample_shape) + self.event_shape
-        rows = shape[:-1] + (1,)
-        kw = {"dtype": self.df.dtype, "device": self.df.device}
+        kw = {"dtype": self.dfs.dtype, "device": self.dfs.device}
         normal = _standard_normal(shape, **kw)
-        # chi^2_nu / nu = 2 Gamma(nu / 2) / nu: per coordinate, and one per draw for the joint part
-        gamma = torch._standard_gamma((0.5 * self.df).expand(shape)).clamp_min(torch.finfo(normal.dtype).tiny)
-        joint = torch._standard_gamma((0.5 * self.joint_df).expand(rows)).clamp_min(torch.finfo(normal.dtype).tiny)
-        joint_part = torch.rand(rows, **kw) < self.weight
-        scale = torch.where(joint_part, torch.rsqrt(2.0 * joint / self.joint_df), torch.rsqrt(2.0 * gamma / self.df))
-        return normal * scale
+        # chi^2_nu / nu = Gamma(nu / 2) / (nu / 2): per coordinate, and one per draw for the joint part
+        half = 0.5 * self.dfs
+        gamma = torch._standard_gamma(half.expand(shape[:-1] + half.shape)).clamp_min(torch.finfo(normal.dtype).tiny)
+        inverse_scale = torch.rsqrt(gamma / half)
+        joint_part = torch.rand(shape[:-1] + (1,), **kw) < self.joint_weight
+        return normal * torch.where(joint_part, inverse_scale[..., -1:], inverse_scale[..., :-1])
 
     def log_prob(self, z):
         square = z.square()
-        product = _t_log_density(square, self.df).sum(-1)
-        joint = _t_log_density(square.sum(-1), self.joint_df, z.shape[-1])
-        return torch.logaddexp(math.log(self.weight) + joint, math.log1p(-self.weight) + product)
+        terms = _t_log_density(torch.cat([square, square.sum(-1, keepdim=True)], -1), self.dfs, self.dims)
+        w = self.joint_weight
+        if w == 0.5:  # one operation fewer
+            return torch.logaddexp(terms[..., -1], terms[..., :-1].sum(-1)) - math.log(2.0)
+        return torch.logaddexp(terms[..., -1] + math.log(w), terms[..., :-1].sum(-1) + math.log1p(-w))
 
     @property
     def mean(self):
@@ -162,7 +176,8 @@ class _TailMixture(TorchDistribution):
     @property
     def variance(self):
         nu, df = self.joint_df, self.df
-        return self.weight * nu / (nu - 2.0) + (1.0 - self.weight) * df / (df - 2.0)
+        w = self.joint_weight
+        return w * nu / (nu - 2.0) + (1.0 - w) * df / (df - 2.0)
 
 
 class TailMixtureBase(StudentTBase):
@@ -172,7 +187,7 @@ class TailMixtureBase(StudentTBase):
 
     .. math::
 
-        p_0(z) = \tfrac12 \prod_d t_{\nu_d}(z_d) + \tfrac12\, t_{\nu_0, D}(z), \qquad
+        p_0(z) = (1 - w) \prod_d t_{\nu_d}(z_d) + w\, t_{\nu_0, D}(z), \qquad
         t_{\nu, D}(z) = \frac{\Gamma(\frac{\nu + D}{2})}{\Gamma(\frac{\nu}{2})
         (\nu\pi)^{D/2}} \left(1 + \frac{\|z\|^2}{\nu}\right)^{-\frac{\nu + D}{2}}.
 
@@ -188,27 +203,59 @@ class TailMixtureBase(StudentTBase):
 
     ``rsample`` is reparametrised in every degree of freedom (the Gamma draws have
     implicit gradients); the part each draw comes from is chosen with the fixed weight
-    :math:`\frac12`, which leaves the pathwise gradient unbiased.
+    :math:`w` (default :math:`\frac12`), which leaves the pathwise gradient unbiased.  All ``D + 1`` degrees of
+    freedom are one parameter, ``raw_df`` (the elliptical part's last), so the base is one
+    tensor to the optimizer.
 
     Args:
         event_shape: ``(D,)``.
         df: the starting degrees of freedom of both parts (default 5).
         min_df: the lower bound of every degree of freedom (default 2: finite variances).
+        joint_weight: the elliptical part's weight :math:`w` (default :math:`\frac12`; the
+            density is then :math:`(1 - w) \prod_d t_{\nu_d} + w\, t_{\nu_0, D}`).  As
+            :class:`~pyroflows.infer.AutoFlow`'s base, 0.2 fitted the 5-D multivariate t worse
+            than 0.5 (k-hat 0.21 / 0.44 against 0.13 / 0.10, seeds 0 / 1).
     """
 
-    def __init__(self, event_shape, df: float = 5.0, min_df: float = 2.0):
+    def __init__(self, event_shape, df: float = 5.0, min_df: float = 2.0, joint_weight: float = 0.5):
         super().__init__(event_shape, df=df, min_df=min_df)
+        if not 0.0 < joint_weight < 1.0:
+            raise ValueError(f"joint_weight must be in (0, 1), got {joint_weight}")
+        self.joint_weight = float(joint_weight)
         if self.loc.dim() != 1:
             raise ValueError(f"TailMixtureBase needs a vector event shape (D,), got {tuple(self.loc.shape)}")
-        self.raw_joint_df = nn.Parameter(torch.tensor(math.log(df - min_df)))
+        dim = self.loc.shape[0]
+        self.raw_df = nn.Parameter(torch.cat([self.raw_df.detach(), self.raw_df.detach()[:1]]))
+        dims = torch.ones(dim + 1)
+        dims[-1] = dim
+        self.register_buffer("dims", dims, persistent=False)
+        self._register_load_state_dict_pre_hook(self._pack_joint_df)
+
+    @staticmethod
+    def _pack_joint_df(state_dict, prefix, *args):
+        """Loads a state dict saved when the elliptical part's degrees of freedom were a
+        parameter of their own (``raw_joint_df``)."""
+        joint = state_dict.pop(prefix + "raw_joint_df", None)
+        if joint is not None:
+            state_dict[prefix + "raw_df"] = torch.cat([state_dict[prefix + "raw_df"], joint.reshape(1)])
+
+    @property
+    def dfs(self) -> torch.Tensor:
+        r"""All degrees of freedom: :math:`(\nu_1, \dots, \nu_D, \nu_0)`."""
+        return self.min_df + self.raw_df.exp()
+
+    @property
+    def df(self) -> torch.Tensor:
+        r""":math:`\nu_d`, one per coordinate."""
+        return self.dfs[:-1]
 
     @property
     def joint_df(self) -> torch.Tensor:
         r""":math:`\nu_0`, the elliptical part's degrees of freedom."""
-        return self.min_df + self.raw_joint_df.exp()
+        return self.dfs[-1]
 
     def forward(self):
-        return _TailMixture(self.df, self.joint_df, 0.5)
+        return _TailMixture(self.dfs, self.dims, self.joint_weight)
 
 
 class FixedBase(nn.Module):
